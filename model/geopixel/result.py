@@ -1,0 +1,59 @@
+"""The structured result every GeoPixel call returns (shared by the API, the CLI and eval)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """One grounded phrase of a description.
+
+    Attributes:
+        text: The phrase between ``<p>`` and ``</p>``, stripped.
+        start: Character offset of the phrase in ``GeoPixelResult.text``.
+        end: Character offset one past the phrase's end in ``GeoPixelResult.text``.
+        mask_index: Index into ``GeoPixelResult.masks`` of the ``[SEG]`` that grounds it, or -1.
+    """
+
+    text: str
+    start: int
+    end: int
+    mask_index: int
+
+
+@dataclass
+class GeoPixelResult:
+    """Output of ``GeoPixel.describe`` / ``GeoPixel.segment`` for one image.
+
+    Attributes:
+        text: The answer as the reference decodes it (special tokens skipped, the literal
+            ``[UNUSED_TOKEN_145]`` removed); ``<p>``, ``</p>`` and ``[SEG]`` are kept.
+        phrases: Grounded phrases in order (``<p> … </p> [SEG]``).
+        masks: (N, H, W) bool at the input image size, one per ``[SEG]``, in order.
+        scores: (N,) float32, the mask decoder's predicted IoU of each selected mask.
+        token_ids: Generated token ids (without the prompt), ending with ``</s>`` if it stopped.
+        seg_hidden: (N, hidden) float32 last-layer hidden states at the ``[SEG]`` positions.
+        mask_logits: (N, H, W) float32 mask logits, or None when not kept.
+    """
+
+    text: str
+    phrases: list[Phrase]
+    masks: np.ndarray
+    scores: np.ndarray
+    token_ids: list[int]
+    seg_hidden: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    mask_logits: np.ndarray | None = None
+
+    @property
+    def caption(self) -> str:
+        """The text with ``<p>``, ``</p>``, ``[SEG]`` removed and whitespace collapsed."""
+        out = self.text
+        for marker in ("<p>", "</p>", "[SEG]"):
+            out = out.replace(marker, " ")
+        out = " ".join(out.split())
+        for punct in (" ,", " .", " ;", " :", " !", " ?"):
+            out = out.replace(punct, punct[1:])
+        return out
