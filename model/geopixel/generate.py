@@ -1,0 +1,257 @@
+"""KV-cached batched decoding that keeps only the last-layer hidden states at [SEG] inputs (§8.1).
+
+gpt-fast style: :func:`setup_caches` preallocates the caches, :func:`prefill` runs the prompt and
+:func:`decode_one_token` runs one step; both take static shapes and never call ``.item()`` so
+they can be compiled (``torch.compile(decode_one_token, mode="reduce-overhead")``). The loop in
+:func:`generate` keeps tokens and stop flags on the device and only looks at them on the host
+every ``stop_check_every`` steps.
+
+Batches of prompts with different lengths are left-padded (see :mod:`geopixel.llm`): row b's
+real tokens have RoPE positions ``0..len_b-1`` and its pad columns are masked out, so a batched
+run equals single runs up to float rounding.
+
+[SEG] hidden states follow the reference (§8.1 point 5): a [SEG] emitted at step k is fed at
+step k+1, and the final-normed hidden state computed at that input position is kept; its position
+in the row's sequence is ``prompt_len + k``. A [SEG] that is the last generated token (cut off by
+``max_new_tokens``) is never fed and is ignored, as in the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from geopixel.llm import InternLM2
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate` for a batch of B prompts.
+
+    Attributes:
+        token_ids: Generated ids per row, up to and including the first EOS (if any).
+        seg_hidden: Per row, final-normed hidden states (n_seg, C) at the [SEG] input positions.
+        seg_positions: Per row, index of each kept [SEG] in the row's own (unpadded) sequence
+            ``prompt + generated``, i.e. ``prompt_len + k`` for the k-th generated token.
+        prompt_lengths: Unpadded prompt length per row.
+    """
+
+    token_ids: list[list[int]]
+    seg_hidden: list[Tensor]
+    seg_positions: list[list[int]]
+    prompt_lengths: list[int]
+
+
+def setup_caches(
+    model: InternLM2, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Preallocate ``model``'s KV caches for ``batch`` rows of ``max_len`` slots."""
+    model.setup_caches(batch=batch, max_len=max_len, dtype=dtype, device=torch.device(device))
+
+
+def left_pad(
+    inputs_embeds: Sequence[Tensor], im_masks: Sequence[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad prompts (L_b, C) into one batch.
+
+    Args:
+        inputs_embeds: One (L_b, C) embedding tensor per row.
+        im_masks: One (L_b,) image-token mask per row, or None.
+
+    Returns:
+        ``(x (B, T, C) with zero pad rows, im_mask (B, T) bool, pad (B,) int64 pad counts)``.
+    """
+    lens = [int(e.shape[0]) for e in inputs_embeds]
+    first = inputs_embeds[0]
+    bsz, seqlen = len(lens), max(lens)
+    x = first.new_zeros(bsz, seqlen, first.shape[-1])  # (B, T, C)
+    im = torch.zeros(bsz, seqlen, dtype=torch.bool, device=first.device)  # (B, T)
+    for b, emb in enumerate(inputs_embeds):
+        x[b, seqlen - lens[b] :] = emb
+        if im_masks is not None:
+            im[b, seqlen - lens[b] :] = im_masks[b].to(device=first.device, dtype=torch.bool)
+    pad = torch.tensor([seqlen - n for n in lens], dtype=torch.long, device=first.device)
+    return x, im, pad
+
+
+def prefill_mask(pad: Tensor, seqlen: int) -> Tensor:
+    """Causal mask (B, 1, T, T) hiding each row's ``pad`` leading columns; pad queries see themselves."""
+    idx = torch.arange(seqlen, device=pad.device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
+    real = idx[None, None, :] >= pad[:, None, None]  # (B, 1, T): key is a real token
+    return ((causal[None] & real) | torch.eye(seqlen, dtype=torch.bool, device=pad.device)).unsqueeze(1)
+
+
+def prefill(
+    model: InternLM2,
+    inputs_embeds: Tensor,
+    *,
+    im_mask: Tensor | None,
+    pad: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Run the left-padded prompt (B, T, C) from cache slot 0; return last hidden (B, C) and logits (B, V).
+
+    Args:
+        model: Decoder with caches set up (at least T slots).
+        inputs_embeds: Left-padded prompt embeddings (B, T, C).
+        im_mask: Image rows (B, T) bool or None.
+        pad: Leading pad count per row (B,), or None when no row is padded (plain causal
+            attention, the fast SDPA path).
+    """
+    seqlen = inputs_embeds.shape[1]
+    idx = torch.arange(seqlen, device=inputs_embeds.device)
+    positions = idx if pad is None else (idx[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
+    mask = None if pad is None else prefill_mask(pad, seqlen)
+    hidden = model(inputs_embeds, im_mask=im_mask, positions=positions, attn_mask=mask, input_pos=idx)
+    last = hidden[:, -1]  # (B, C)
+    return last, model.logits(last)
+
+
+def decode_one_token(
+    model: InternLM2,
+    embeds: Tensor,
+    *,
+    input_pos: Tensor,
+    pad: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Feed one token per row and return its final-normed hidden (B, C) and logits (B, V).
+
+    Args:
+        model: Decoder whose caches hold slots ``< input_pos``.
+        embeds: Embeddings of the fed tokens (B, 1, C).
+        input_pos: Cache slot (1,) of the fed token (shared by all rows).
+        pad: Leading pad count per row (B,); the row's RoPE position is ``input_pos - pad``.
+    """
+    slots = torch.arange(model.cache_len, device=embeds.device)
+    may_attend = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= input_pos)  # (B, S)
+    positions = input_pos[None, :] - pad[:, None]  # (B, 1)
+    hidden = model(
+        embeds,
+        positions=positions,
+        attn_mask=may_attend[:, None, None, :],
+        input_pos=input_pos,
+        attend_cache=True,
+    )
+    last = hidden[:, -1]  # (B, C)
+    return last, model.logits(last)
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row from logits (B, V) on the device (no host sync); greedy at temperature 0."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # Exponential-race sampling (gpt-fast): argmax(p / Exp(1)) ~ Categorical(p), without a sync.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+@torch.no_grad()
+def generate(
+    model: InternLM2,
+    embed_fn: Callable[[Tensor], Tensor] | None,
+    inputs_embeds: Tensor | Sequence[Tensor],
+    im_mask: Tensor | Sequence[Tensor] | None = None,
+    *,
+    max_new_tokens: int,
+    seg_id: int,
+    eos_id: int = 2,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stream_callback: Callable[[list[int]], None] | None = None,
+    stop_check_every: int = 8,
+    forced_token_ids: Tensor | None = None,
+) -> GenerationOutput:
+    """Decode a batch of prompts with the KV cache; keep last-layer hidden states at [SEG] inputs.
+
+    Args:
+        model: The decoder.
+        embed_fn: Token ids (B, 1) -> embeddings (B, 1, C); None uses ``model.tok_embeddings``.
+        inputs_embeds: (B, T, C) for same-length prompts, or one (L_b, C) tensor per row.
+        im_mask: Image-token mask matching ``inputs_embeds`` ((B, T) or one (L_b,) per row), or None.
+        max_new_tokens: Tokens to generate per row at most (EOS included).
+        seg_id: Id of ``[SEG]``.
+        eos_id: Stop token (only ``</s>`` in the reference; the model goes on past end-of-turn).
+        temperature: 0 is greedy (the reference's setting); > 0 samples.
+        top_k: Optional top-k filter when sampling.
+        top_p: Optional nucleus filter when sampling.
+        generator: RNG for sampling (on the model's device), for reproducible runs.
+        stream_callback: Called with each step's new token per row (B ints). This syncs with the
+            device every step; leave None for throughput.
+        stop_check_every: Steps between host checks of "all rows finished".
+        forced_token_ids: Teacher forcing (B, N): feed these tokens instead of sampling (scoring,
+            parity tests); N must equal ``max_new_tokens``.
+
+    Returns:
+        Per-row generated ids, [SEG] hidden states and their positions.
+    """
+    rows = list(inputs_embeds) if not isinstance(inputs_embeds, Tensor) else list(inputs_embeds.unbind(0))
+    masks = None if im_mask is None else [m for m in im_mask]
+    x, im, pad = left_pad(rows, masks)  # (B, T, C), (B, T), (B,)
+    bsz, seqlen, width = x.shape
+    if forced_token_ids is not None and forced_token_ids.shape != (bsz, max_new_tokens):
+        raise ValueError(f"forced_token_ids must be (B, max_new_tokens) = ({bsz}, {max_new_tokens})")
+    embed = embed_fn if embed_fn is not None else model.tok_embeddings
+    setup_caches(model, batch=bsz, max_len=seqlen + max_new_tokens, dtype=x.dtype, device=x.device)
+    tokens = torch.full((bsz, max_new_tokens), eos_id, dtype=torch.long, device=x.device)
+    hidden_buf = x.new_zeros(bsz, max_new_tokens, width)  # hidden at the input position of token k
+    done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
+    padded = any(n != seqlen for n in (int(r.shape[0]) for r in rows))
+    _, logits = prefill(model, x, im_mask=im if masks is not None else None, pad=pad if padded else None)
+    input_pos = torch.tensor([seqlen], dtype=torch.long, device=x.device)
+    fed = 0
+    for step in range(max_new_tokens):
+        if forced_token_ids is not None:
+            tok = forced_token_ids[:, step].to(x.device)
+        else:
+            tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tok = torch.where(done, torch.full_like(tok, eos_id), tok)  # (B,)
+        tokens[:, step] = tok
+        done = done | (tok == eos_id)
+        if stream_callback is not None:
+            stream_callback(tok.tolist())
+        if step == max_new_tokens - 1 or ((step + 1) % stop_check_every == 0 and bool(done.all())):
+            break
+        hidden, logits = decode_one_token(model, embed(tok[:, None]), input_pos=input_pos, pad=pad)
+        hidden_buf[:, step] = hidden
+        input_pos += 1
+        fed = step + 1
+    return _collect(tokens, hidden_buf, fed=fed, seqlen=seqlen, pad=pad, eos_id=eos_id, seg_id=seg_id)
+
+
+def _collect(
+    tokens: Tensor, hidden_buf: Tensor, *, fed: int, seqlen: int, pad: Tensor, eos_id: int, seg_id: int
+) -> GenerationOutput:
+    """Cut each row at its first EOS and gather the hidden states of the fed [SEG] tokens (one sync)."""
+    ids = tokens.cpu()
+    prompt_lengths = [seqlen - int(p) for p in pad.cpu()]
+    out = GenerationOutput(token_ids=[], seg_hidden=[], seg_positions=[], prompt_lengths=prompt_lengths)
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        row = row[:end]
+        keep = [k for k, t in enumerate(row) if t == seg_id and k < fed]
+        out.token_ids.append(row)
+        out.seg_positions.append([prompt_lengths[b] + k for k in keep])
+        out.seg_hidden.append(hidden_buf[b, keep])  # (n_seg, C)
+    return out
