@@ -175,7 +175,7 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dtype = np.float32 if pixels < 2**24 else np.float64  # integer-exact accumulation
     fa = a.reshape(n, -1).astype(dtype)  # (N, HW)
     fb = b.reshape(m, -1).astype(dtype)  # (M, HW)
-    inter = np.rint(fa @ fb.T).astype(np.int64)  # (N, M)
+    inter = np.rint(np.matmul(fa, fb.T)).astype(np.int64)  # (N, M)
     union = fa.sum(1, dtype=np.int64)[:, None] + fb.sum(1, dtype=np.int64)[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return inter / union
