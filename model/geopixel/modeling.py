@@ -1,0 +1,397 @@
+"""The GeoPixel network: CLIP tower + InternLM2 + SAM-2, from pixels to grounded text and masks.
+
+Inference follows the reference ``evaluate`` (ARCHITECTURE.md §0.1): the prompt is
+``[BOS] + image tokens + chat template`` (§5.1), greedy decoding with a KV cache keeps only the
+final-normed hidden states at the input positions of the generated ``[SEG]`` tokens (§8.1), which
+``text_hidden_fcs`` projects into SAM-2 prompts on the image resized to 1024² (§8.2–8.5). Several
+images are batched through CLIP, one left-padded LLM generation and one SAM-2 encoder pass.
+
+The reference silently truncates prompts at ``max_length``; here an image whose crop grid would
+not leave room for ``max_new_tokens`` is divided on a smaller grid (logged), and a prompt that
+cannot fit even with one tile is refused with a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from geopixel.checkpoint import load_checkpoint, resolve_checkpoint
+from geopixel.config import GeoPixelConfig
+from geopixel.generate import GenerationOutput, generate
+from geopixel.grounding import Grounding, MaskOutput
+from geopixel.hd_divider import Grid, apply_grid, crops_for_clip, image_token_count, normalize_clip, plan_grid
+from geopixel.llm import InternLM2
+from geopixel.result import GeoPixelResult
+from geopixel.tokenizer import GCG_QUERY, RRSIS_TEMPLATE, GeoPixelTokenizer, parse_phrases
+from geopixel.vision import VisionTower
+
+ImageInput = np.ndarray | str | Path | Image.Image
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """The LLM input of one image (§5.1).
+
+    Attributes:
+        embeds: (L, C) ``[BOS] + image + text`` embeddings in the model dtype.
+        im_mask: (L,) bool, true on the image positions.
+        layout: Token id per position, ``-1`` at image positions (the golden ``input_ids_layout``).
+        grid: The crop grid the image was divided on.
+    """
+
+    embeds: Tensor
+    im_mask: Tensor
+    layout: list[int]
+    grid: Grid
+
+
+class GeoPixel(nn.Module):
+    """GeoPixel: grounded descriptions and referring segmentation of one or more images.
+
+    Args:
+        config: Model sizes and special token ids.
+        tokenizer: The tokenizer (needed by :meth:`describe` / :meth:`segment`, not to build or
+            load weights).
+    """
+
+    def __init__(self, config: GeoPixelConfig, *, tokenizer: GeoPixelTokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = VisionTower.from_config(config)
+        self.llm = InternLM2(config.llm)
+        self.grounding = Grounding(config.grounding, hidden_size=config.llm.hidden_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> GeoPixel:
+        """Load a released checkpoint (directory or hub id) without allocating weights twice.
+
+        Args:
+            path_or_id: Checkpoint directory (``config.json``, weights, ``tokenizer.model``; the
+                golden ``reference-tiny`` folder works too) or a hub id such as
+                ``MBZUAI/GeoPixel-7B`` (fetched only when online).
+            device: ``cuda``, ``cpu``, ``mps``; None picks the best available.
+            dtype: ``bf16``, ``fp16``, ``fp32`` or a torch dtype; None = bf16 on accelerators,
+                fp32 on cpu.
+
+        Returns:
+            The model in eval mode on ``device``.
+        """
+        root = resolve_checkpoint(path_or_id)
+        config = GeoPixelConfig.from_dir(root)
+        with torch.device("meta"):
+            model = cls(config, tokenizer=GeoPixelTokenizer.from_dir(root))
+        load_checkpoint(model, root, device=device, dtype=dtype)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.llm.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the weights."""
+        return self.llm.norm.weight.dtype
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def describe(
+        self,
+        image: ImageInput,
+        prompt: str | None = None,
+        *,
+        hd_num: int = 9,
+        max_new_tokens: int = 1024,
+        temperature: float = 0.0,
+        stream: Callable[[str], None] | None = None,
+    ) -> GeoPixelResult:
+        """Grounded description of one image (the GCG task).
+
+        Args:
+            image: (H, W, 3) uint8 RGB array, PIL image or path (converted to RGB).
+            prompt: The question; None uses the GCG query of the reference docs.
+            hd_num: Crop budget of the divider (9 as in the reference).
+            max_new_tokens: Generation limit (1024 as in the reference ``evaluate``).
+            temperature: 0 = greedy (the reference); > 0 samples.
+            stream: Called with each new piece of the answer text as it is generated.
+
+        Returns:
+            Text, phrases, one mask per ``[SEG]`` at the image size, scores, token ids.
+        """
+        return self._run([image], [prompt or GCG_QUERY], hd_num=hd_num, max_new_tokens=max_new_tokens,
+                         temperature=temperature, stream=stream)[0]
+
+    def segment(
+        self, image: ImageInput, expression: str, *, hd_num: int = 9, max_new_tokens: int = 64
+    ) -> GeoPixelResult:
+        """Referring segmentation: ask for the mask of ``expression`` (the RRSIS task).
+
+        Args:
+            image: (H, W, 3) uint8 RGB array, PIL image or path.
+            expression: The referring expression, e.g. ``"the red car"``.
+            hd_num: Crop budget of the divider.
+            max_new_tokens: Generation limit (the RES answer is ~9 tokens).
+
+        Returns:
+            The result; ``masks[0]`` is the mask of the first ``[SEG]`` (none if none was produced).
+        """
+        return self.segment_batch([image], expression, hd_num=hd_num, max_new_tokens=max_new_tokens)[0]
+
+    def describe_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        prompt: str | None = None,
+        hd_num: int = 9,
+        max_new_tokens: int = 1024,
+        temperature: float = 0.0,
+    ) -> list[GeoPixelResult]:
+        """:meth:`describe` for several images in one batch (CLIP, LLM and SAM-2 batched).
+
+        Args:
+            images: Images as in :meth:`describe`.
+            prompt: The question for every image; None uses the GCG query.
+            hd_num: Crop budget.
+            max_new_tokens: Generation limit.
+            temperature: 0 = greedy.
+
+        Returns:
+            One result per image, in order.
+        """
+        queries = [prompt or GCG_QUERY] * len(images)
+        return self._run(
+            images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, temperature=temperature
+        )
+
+    def segment_batch(
+        self,
+        images: Sequence[ImageInput],
+        expression: str | Sequence[str],
+        *,
+        hd_num: int = 9,
+        max_new_tokens: int = 64,
+    ) -> list[GeoPixelResult]:
+        """:meth:`segment` for several images (one expression for all, or one per image).
+
+        Args:
+            images: Images as in :meth:`describe`.
+            expression: Referring expression(s).
+            hd_num: Crop budget.
+            max_new_tokens: Generation limit.
+
+        Returns:
+            One result per image, in order.
+        """
+        exprs = [expression] * len(images) if isinstance(expression, str) else list(expression)
+        if len(exprs) != len(images):
+            raise ValueError(f"{len(exprs)} expressions for {len(images)} images")
+        queries = [RRSIS_TEMPLATE.format(e) for e in exprs]
+        return self._run(images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens)
+
+    # ---- stages -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        images: Sequence[ImageInput],
+        queries: Sequence[str],
+        *,
+        hd_num: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        stream: Callable[[str], None] | None = None,
+        forced_token_ids: Tensor | None = None,
+        keep_mask_logits: bool = False,
+    ) -> list[GeoPixelResult]:
+        if not images:
+            return []
+        arrays = [load_image(im) for im in images]
+        prompts = self.build_prompts(arrays, queries, hd_num=hd_num, max_new_tokens=max_new_tokens)
+        out = generate(
+            self.llm,
+            None,
+            [p.embeds for p in prompts],
+            [p.im_mask for p in prompts],
+            max_new_tokens=max_new_tokens,
+            seg_id=self.config.seg_token_id,
+            eos_id=self.config.llm.eos_token_id,
+            temperature=temperature,
+            stream_callback=self._streamer(stream),
+            forced_token_ids=forced_token_ids,
+        )
+        self.llm.clear_caches()
+        masks = self.ground(arrays, out.seg_hidden)
+        return [
+            self._result(out, b, masks[b], hw=arrays[b].shape[:2], keep_logits=keep_mask_logits)
+            for b in range(len(arrays))
+        ]
+
+    def build_prompts(
+        self, images: Sequence[np.ndarray], queries: Sequence[str], *, hd_num: int, max_new_tokens: int
+    ) -> list[Prompt]:
+        """Divide and embed the images (one CLIP batch) and wrap each in its chat prompt (§5.1).
+
+        Args:
+            images: (H, W, 3) uint8 RGB arrays.
+            queries: One question per image.
+            hd_num: Crop budget.
+            max_new_tokens: Room to keep free in the context for the answer.
+
+        Returns:
+            One :class:`Prompt` per image.
+
+        Raises:
+            ValueError: A prompt cannot fit ``max_length`` even on a single tile.
+        """
+        tok = self._tok()
+        text_ids = [tok.inference_prompt_ids(q) for q in queries]
+        pairs = list(zip(images, text_ids, strict=True))
+        grids = [self._fit_grid(im, hd_num, len(ids) + 1 + max_new_tokens) for im, ids in pairs]
+        tile = self.config.vision.image_size
+        crops = [
+            crops_for_clip(normalize_clip(apply_grid(im, g)), g, tile=tile)
+            for im, g in zip(images, grids, strict=True)
+        ]
+        image_embeds = self.vision(torch.cat(crops).to(self.device), [(g.rows, g.cols) for g in grids])
+        embed = self.llm.tok_embeddings
+        out = []
+        for img, ids, grid in zip(image_embeds, text_ids, grids, strict=True):
+            bos = embed(torch.tensor([tok.bos_id], device=self.device))  # (1, C)
+            text = embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, C)
+            embeds = torch.cat([bos, img.to(bos.dtype), text])  # (1 + L_img + T, C)
+            im_mask = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
+            im_mask[1 : 1 + img.shape[0]] = True
+            out.append(Prompt(embeds, im_mask, [tok.bos_id] + [-1] * img.shape[0] + ids, grid))
+        return out
+
+    def ground(self, images: Sequence[np.ndarray], seg_hidden: Sequence[Tensor]) -> list[MaskOutput | None]:
+        """SAM-2 masks for the ``[SEG]`` hidden states of each image (None where there are none).
+
+        The images that have at least one ``[SEG]`` go through the SAM-2 encoder in one batch.
+
+        Args:
+            images: (H, W, 3) uint8 RGB arrays.
+            seg_hidden: Per image, (n_seg, C) final-normed hidden states.
+
+        Returns:
+            Per image, the selected masks at the original size, or None.
+        """
+        todo = [b for b, h in enumerate(seg_hidden) if h.shape[0] > 0]
+        out: list[MaskOutput | None] = [None] * len(images)
+        if not todo:
+            return out
+        pixels = self.grounding.preprocess([images[b] for b in todo], device=self.device)
+        features = self.grounding.encode_images(pixels)
+        for j, b in enumerate(todo):
+            prompts = self.grounding.project_seg(seg_hidden[b].to(self.dtype))  # (n, out_dim)
+            out[b] = self.grounding.decode_masks(features, prompts, orig_hw=images[b].shape[:2], index=j)
+        return out
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _tok(self) -> GeoPixelTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("this GeoPixel has no tokenizer: use from_pretrained or pass tokenizer=")
+        return self.tokenizer
+
+    def _fit_grid(self, image: np.ndarray, hd_num: int, reserved: int) -> Grid:
+        """The reference's crop grid, or the largest smaller one whose prompt fits ``max_length``."""
+        height, width = image.shape[:2]
+        limit = self.config.llm.max_length
+        g = self.config.vision.merged_grid
+        grid = plan_grid(width, height, hd_num, rule="inference")
+        cap = grid.num_tiles
+        while image_token_count(grid.rows, grid.cols, merged_grid=g) + reserved > limit:
+            cap -= 1
+            if cap < 1:
+                raise ValueError(
+                    f"the prompt cannot fit the model's {limit}-token context with {reserved} tokens of text "
+                    f"and answer, even on one tile: lower max_new_tokens"
+                )
+            grid = plan_grid(width, height, hd_num, rule="inference", max_tiles=cap)
+        if grid.downscaled:
+            logger.warning(
+                "%dx%d image divided on %dx%d tiles instead of the reference's grid so that prompt + "
+                "max_new_tokens fit the %d-token context", width, height, grid.rows, grid.cols, limit,
+            )
+        return grid
+
+    def _streamer(self, stream: Callable[[str], None] | None) -> Callable[[list[int]], None] | None:
+        if stream is None:
+            return None
+        tok, ids, sent = self._tok(), [], [""]
+
+        def on_tokens(step_tokens: list[int]) -> None:
+            ids.append(step_tokens[0])
+            text = tok.response_text(ids)
+            if text.startswith(sent[0]) and len(text) > len(sent[0]):
+                stream(text[len(sent[0]) :])
+                sent[0] = text
+
+        return on_tokens
+
+    def _result(
+        self,
+        out: GenerationOutput,
+        b: int,
+        masks: MaskOutput | None,
+        *,
+        hw: tuple[int, int],
+        keep_logits: bool,
+    ) -> GeoPixelResult:
+        text = self._tok().response_text(out.token_ids[b])
+        n = out.seg_hidden[b].shape[0]
+        if masks is None:
+            logits = np.zeros((0, *hw), np.float32)
+            mask_arr, scores = logits > 0, np.zeros((0,), np.float32)
+        else:
+            logits = masks.mask_logits.float().cpu().numpy()
+            mask_arr, scores = logits > 0, masks.iou.float().cpu().numpy()
+        return GeoPixelResult(
+            text=text,
+            phrases=parse_phrases(text, n_masks=n),
+            masks=mask_arr,
+            scores=scores,
+            token_ids=list(out.token_ids[b]),
+            seg_hidden=out.seg_hidden[b].float().cpu().numpy(),
+            mask_logits=logits if keep_logits else None,
+        )
+
+
+def load_image(image: ImageInput) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array from an array, a PIL image or a path.
+
+    Args:
+        image: (H, W, 3) uint8 array (used as is), PIL image or file path (converted to RGB, so
+            grayscale, palette and RGBA files work, unlike in the reference).
+
+    Returns:
+        The RGB array.
+
+    Raises:
+        ValueError: An array that is not (H, W, 3) uint8.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+        return image
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    with Image.open(image) as pil:
+        return np.asarray(pil.convert("RGB"))
