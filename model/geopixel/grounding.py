@@ -99,8 +99,12 @@ class Grounding(nn.Module):
         self.pe_layer = Sam2PositionalEmbedding(prompt_cfg)
         self.no_mask_embed = nn.Embedding(1, cfg.d_model)
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        text_fc = [nn.Linear(hidden_size, hidden_size), nn.ReLU(inplace=True),
-                   nn.Linear(hidden_size, cfg.out_dim), nn.Dropout(0.0)]
+        text_fc = [
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_size, cfg.out_dim),
+            nn.Dropout(0.0),
+        ]
         self.text_hidden_fcs = nn.ModuleList([nn.Sequential(*text_fc)])
 
     def load_released(self, released: dict[str, Tensor]) -> None:
@@ -202,7 +206,9 @@ class Grounding(nn.Module):
         src = (embed + self.no_mask_embed.weight.view(1, d, 1, 1)).expand(n, -1, -1, -1)  # (n, d, 64, 64)
         pos = self.dense_pe().to(dtype).expand(n, -1, -1, -1)
         hs, keys = dec.transformer(
-            point_embeddings=tokens[:, None], image_embeddings=src, image_positional_embeddings=pos,
+            point_embeddings=tokens[:, None],
+            image_embeddings=src,
+            image_positional_embeddings=pos,
             attention_similarity=None,
         )  # (n, 1, 7, d), (n, 1, 64·64, d)
         hs, keys = hs[:, 0], keys[:, 0]
@@ -243,8 +249,11 @@ class Grounding(nn.Module):
         out = self.predict_masks(features, prompts, index=index)
         dynamic = multimask_stability and not self.training
         token = select_mask_tokens(
-            out.low_res, out.iou, dynamic=dynamic,
-            delta=self.cfg.stability_delta, thresh=self.cfg.stability_thresh,
+            out.low_res,
+            out.iou,
+            dynamic=dynamic,
+            delta=self.cfg.stability_delta,
+            thresh=self.cfg.stability_thresh,
         )  # (n,)
         rows = torch.arange(token.shape[0], device=token.device)
         low_res = out.low_res[rows, token][:, None]  # (n, 1, 256, 256)
@@ -310,16 +319,22 @@ def sam2_configs(
     )
     sizes = [[cfg.image_size // s] * 2 for s in (4, 8, 16)]
     vision = Sam2VisionConfig(
-        backbone_config=hiera, backbone_channel_list=list(cfg.backbone_channel_list),
-        backbone_feature_sizes=sizes, fpn_hidden_size=cfg.d_model, fpn_top_down_levels=[2, 3],
+        backbone_config=hiera,
+        backbone_channel_list=list(cfg.backbone_channel_list),
+        backbone_feature_sizes=sizes,
+        fpn_hidden_size=cfg.d_model,
+        fpn_top_down_levels=[2, 3],
         num_feature_levels=3,
     )
     prompt = Sam2PromptEncoderConfig(
         hidden_size=cfg.d_model, image_size=cfg.image_size, patch_size=_BACKBONE_STRIDE
     )
     decoder = Sam2MaskDecoderConfig(
-        hidden_size=cfg.d_model, mlp_dim=cfg.mlp_dim, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        dynamic_multimask_via_stability=True, dynamic_multimask_stability_delta=cfg.stability_delta,
+        hidden_size=cfg.d_model,
+        mlp_dim=cfg.mlp_dim,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        dynamic_multimask_via_stability=True,
+        dynamic_multimask_stability_delta=cfg.stability_delta,
         dynamic_multimask_stability_thresh=cfg.stability_thresh,
     )
     decoder._attn_implementation = "sdpa"

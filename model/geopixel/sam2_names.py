@@ -61,22 +61,40 @@ SAM2_NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"sam_prompt_encoder\.no_mask_embed\.weight", r"no_mask_embed.weight"),
     (r"no_mem_embed", r"no_mem_embed"),
     # mask decoder: TwoWayTransformer
-    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm([1-4])\." + _WB,
-     r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
-    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
-     r"\.([qkv])_proj\." + _WB, r"mask_decoder.transformer.layers.\1.\2.\3_proj.\4"),
-    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
-     r"\.out_proj\." + _WB, r"mask_decoder.transformer.layers.\1.\2.o_proj.\3"),
-    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\." + _WB,
-     r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
-    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\." + _WB,
-     r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2"),
-    (r"sam_mask_decoder\.transformer\.final_attn_token_to_image\.([qkv])_proj\." + _WB,
-     r"mask_decoder.transformer.final_attn_token_to_image.\1_proj.\2"),
-    (r"sam_mask_decoder\.transformer\.final_attn_token_to_image\.out_proj\." + _WB,
-     r"mask_decoder.transformer.final_attn_token_to_image.o_proj.\1"),
-    (r"sam_mask_decoder\.transformer\.norm_final_attn\." + _WB,
-     r"mask_decoder.transformer.layer_norm_final_attn.\1"),
+    (
+        r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm([1-4])\." + _WB,
+        r"mask_decoder.transformer.layers.\1.layer_norm\2.\3",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+        r"\.([qkv])_proj\." + _WB,
+        r"mask_decoder.transformer.layers.\1.\2.\3_proj.\4",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+        r"\.out_proj\." + _WB,
+        r"mask_decoder.transformer.layers.\1.\2.o_proj.\3",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\." + _WB,
+        r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\." + _WB,
+        r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.final_attn_token_to_image\.([qkv])_proj\." + _WB,
+        r"mask_decoder.transformer.final_attn_token_to_image.\1_proj.\2",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.final_attn_token_to_image\.out_proj\." + _WB,
+        r"mask_decoder.transformer.final_attn_token_to_image.o_proj.\1",
+    ),
+    (
+        r"sam_mask_decoder\.transformer\.norm_final_attn\." + _WB,
+        r"mask_decoder.transformer.layer_norm_final_attn.\1",
+    ),
     # mask decoder: tokens, upscaling, high-res projections, heads
     (r"sam_mask_decoder\.(iou_token|mask_tokens|obj_score_token)\.weight", r"mask_decoder.\1.weight"),
     (r"sam_mask_decoder\.output_upscaling\.0\." + _WB, r"mask_decoder.upscale_conv1.\1"),
@@ -168,8 +186,10 @@ def convert_grounding_state_dict(released: dict[str, Tensor]) -> dict[str, Tenso
         elif name.startswith(RELEASED_SAM2_PREFIX):
             sam[name] = tensor
         else:
-            raise KeyError(f"{name!r} is not a grounding key (expected {RELEASED_SAM2_PREFIX}* or "
-                           f"{RELEASED_TEXT_FCS_PREFIX}*)")
+            raise KeyError(
+                f"{name!r} is not a grounding key (expected {RELEASED_SAM2_PREFIX}* or "
+                f"{RELEASED_TEXT_FCS_PREFIX}*)"
+            )
     out.update(convert_sam2_state_dict(sam))
     return out
 
