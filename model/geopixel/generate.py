@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geopixel.llm import InternLM2
+from geopixel.llm import InternLM2, padding_mask
 
 
 @dataclass
@@ -77,14 +77,6 @@ def left_pad(
     return x, im, pad
 
 
-def prefill_mask(pad: Tensor, seqlen: int) -> Tensor:
-    """Causal mask (B, 1, T, T) hiding each row's ``pad`` leading columns; pad queries see themselves."""
-    idx = torch.arange(seqlen, device=pad.device)
-    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
-    real = idx[None, None, :] >= pad[:, None, None]  # (B, 1, T): key is a real token
-    return ((causal[None] & real) | torch.eye(seqlen, dtype=torch.bool, device=pad.device)).unsqueeze(1)
-
-
 def prefill(
     model: InternLM2,
     inputs_embeds: Tensor,
@@ -104,7 +96,7 @@ def prefill(
     seqlen = inputs_embeds.shape[1]
     idx = torch.arange(seqlen, device=inputs_embeds.device)
     positions = idx if pad is None else (idx[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
-    mask = None if pad is None else prefill_mask(pad, seqlen)
+    mask = None if pad is None else padding_mask(idx[None, :] >= pad[:, None])  # (B, 1, T, T)
     hidden = model(inputs_embeds, im_mask=im_mask, positions=positions, attn_mask=mask, input_pos=idx)
     last = hidden[:, -1]  # (B, C)
     return last, model.logits(last)

@@ -9,8 +9,8 @@ adapters are not built. KV caches are non-persistent buffers and never appear in
 Padding convention: batches of prompts with different lengths are **left-padded**. Every row's
 real tokens end at the same column, so one shared cache slot (``input_pos``) serves the whole
 batch while each row carries its own RoPE positions (``0..len-1`` for its real tokens) and an
-attention mask that hides its pad columns. A pad query attends to itself only, so no softmax row
-is empty (an all-masked row would give NaN, and NaN pad keys/values would poison real rows).
+attention mask that hides its pad columns (:func:`padding_mask`). Right-padded training batches
+use the same mask with the default positions ``0..T-1``.
 """
 
 from __future__ import annotations
@@ -87,19 +87,14 @@ class InternLM2(nn.Module):
         self.cache_len = 0
 
     def setup_caches(self, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate (or reuse, when the shape matches) one :class:`KVCache` per layer."""
-        cfg = self.config
+        """Allocate one :class:`KVCache` per layer (reused when batch, length, dtype and device match)."""
+        cfg, dev = self.config, torch.device(device)
         for layer in self.layers:
-            cache = layer.attention.kv_cache
-            same = cache is not None and cache.k_cache.shape == (
-                batch,
-                cfg.num_kv_heads,
-                max_len,
-                cfg.head_dim,
-            )
-            if not (same and cache.k_cache.dtype == dtype and cache.k_cache.device == torch.device(device)):
+            old = layer.attention.kv_cache
+            key = (batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, dev.type)
+            if old is None or (*old.k_cache.shape, old.k_cache.dtype, old.k_cache.device.type) != key:
                 layer.attention.kv_cache = KVCache(
-                    batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=torch.device(device)
+                    batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev
                 )
         self.cache_len = max_len
 
@@ -345,6 +340,20 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def padding_mask(valid: Tensor) -> Tensor:
+    """Causal "may attend" mask (B, 1, T, T) for a padded batch; ``valid`` (B, T) marks real tokens.
+
+    Works for left padding (generation) and right padding (training). Every query also sees
+    itself, so a pad row is never fully masked: some SDPA kernels return NaN for such rows, and
+    NaN pad keys/values would then poison real rows through ``0 * NaN``.
+    """
+    seqlen = valid.shape[1]
+    idx = torch.arange(seqlen, device=valid.device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
+    eye = torch.eye(seqlen, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :].bool()) | eye).unsqueeze(1)  # (B, 1, T, T)
 
 
 def split_qkv(qkv: Tensor, config: LLMConfig) -> tuple[Tensor, Tensor, Tensor]:

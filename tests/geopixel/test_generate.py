@@ -192,3 +192,18 @@ def test_stream_callback_and_periodic_stop_check(tiny_llm: InternLM2) -> None:
         )
         assert out.token_ids == [[EOS], [7, EOS]]
         assert len(seen) == expected_steps and seen[0] == [EOS, 7] and seen[1] == [EOS, EOS]
+
+
+@pytest.mark.slow  # dynamo tracing takes ~10 s on 2 CPU cores
+def test_decode_one_token_traces_without_graph_breaks(tiny_llm: InternLM2) -> None:
+    x, _ = prompt(tiny_llm, 7, seed=4, image=slice(0, 0))
+    pad = torch.tensor([0, 2])
+    setup_caches(tiny_llm, batch=2, max_len=10, dtype=x.dtype, device="cpu")
+    step = torch.compile(decode_one_token, fullgraph=True, backend="eager")  # fullgraph: no .item() etc.
+    with torch.no_grad():
+        _, logits = prefill(tiny_llm, torch.stack([x, x]), im_mask=None, pad=pad)
+        emb = tiny_llm.tok_embeddings(logits.argmax(-1)[:, None])
+        pos = torch.tensor([7])
+        compiled = step(tiny_llm, emb, input_pos=pos, pad=pad)
+        eager = decode_one_token(tiny_llm, emb, input_pos=pos, pad=pad)
+    torch.testing.assert_close(compiled, eager)
