@@ -1,0 +1,1 @@
+"""GIS command-line tool for GeoPixel: scenes of any size to georeferenced vector layers."""

@@ -1,0 +1,59 @@
+"""What ``geopixel info`` reports about a scene, without loading the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from geopixel_cli.raster import SceneInfo
+from geopixel_cli.tiling import grid
+
+
+def scene_summary(
+    info: SceneInfo, *, tile_size: int, overlap: int, batch_size: int, min_valid: float
+) -> dict[str, Any]:
+    """What ``geopixel info`` reports: scene header, grid and the work it implies (no model).
+
+    Args:
+        info: The scene.
+        tile_size: Tile window, pixels.
+        overlap: Overlap, pixels.
+        batch_size: Tiles per model call.
+        min_valid: Skip threshold on the valid fraction of a tile.
+
+    Returns:
+        A JSON-safe dict.
+    """
+    from pyproj import CRS
+
+    tiles = grid(info.width, info.height, tile_size=tile_size, overlap=overlap)
+    crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
+    n_rows = max(t.row for t in tiles) + 1
+    return {
+        "path": info.path,
+        "width": info.width,
+        "height": info.height,
+        "count": info.count,
+        "dtype": info.dtype,
+        "bands_used": list(info.bidx),
+        "nodata": info.nodata,
+        "crs": crs.to_string() if crs else None,
+        "crs_name": crs.name if crs else None,
+        "pixel_size": list(info.pixel_size),
+        "transform": list(info.transform),
+        "stretch": None
+        if info.stretch is None
+        else {"low": list(info.stretch.low), "high": list(info.stretch.high)},
+        "valid_fraction": round(info.valid_fraction, 4),
+        "grid": {
+            "tile_size": tile_size,
+            "overlap": overlap,
+            "rows": n_rows,
+            "cols": len(tiles) // n_rows,
+            "tiles": len(tiles),
+        },
+        "work": {
+            "model_calls_max": -(-len(tiles) // batch_size),
+            "batch_size": batch_size,
+            "min_valid": min_valid,
+        },
+    }

@@ -1,0 +1,301 @@
+"""Output layers: pixel-space objects to CRS units, metrics in metres, and atomic writes by format.
+
+Layers: ``objects`` (MultiPolygon; phrase, category, caption_id, phrase_idx, tile_id, tile_ids,
+score, area_m2, perimeter_m), ``tiles`` (footprint; status and caption) and ``runs`` (one row:
+model, version, options, times). A GeoPackage holds all three; single-layer formats write
+``objects`` at the output path, ``tiles`` beside it as ``<stem>_tiles<ext>`` and ``runs`` as
+``<stem>_runs.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopixel_cli.errors import UserError
+
+DRIVERS = {
+    ".gpkg": "GPKG",
+    ".geojson": "GeoJSON",
+    ".fgb": "FlatGeobuf",
+    ".parquet": "Parquet",
+    ".shp": "ESRI Shapefile",
+}
+SHAPEFILE_NAMES = {"perimeter_m": "perim_m"}  # every other field already fits in 10 characters
+OBJECT_FIELDS = (
+    "object_id",
+    "phrase",
+    "category",
+    "caption_id",
+    "phrase_idx",
+    "tile_id",
+    "tile_ids",
+    "score",
+    "area_m2",
+    "perimeter_m",
+)
+
+
+@dataclass(frozen=True)
+class Georef:
+    """How scene pixels map to the CRS, and how to measure in metres.
+
+    Args:
+        crs_wkt: Scene CRS as WKT, or None (pixel coordinates, metrics undefined).
+        transform: ``(a, b, c, d, e, f)`` affine pixel -> CRS.
+    """
+
+    crs_wkt: str | None
+    transform: tuple[float, float, float, float, float, float]
+
+    def to_crs(self, geom: Any) -> Any:
+        """Map a scene-pixel geometry to CRS coordinates (identity without a CRS)."""
+        from shapely.affinity import affine_transform
+
+        if self.crs_wkt is None:
+            return geom
+        a, b, c, d, e, f = self.transform
+        return affine_transform(geom, [a, b, d, e, c, f])
+
+    def metrics(self, geom: Any) -> tuple[float, float]:
+        """``(area m², perimeter m)`` of a CRS geometry: geodesic for geographic CRSs; NaN without CRS."""
+        from pyproj import CRS
+
+        if self.crs_wkt is None:
+            return math.nan, math.nan
+        crs = CRS.from_wkt(self.crs_wkt)
+        if crs.is_geographic:
+            area, perimeter = crs.get_geod().geometry_area_perimeter(geom)
+            return abs(float(area)), float(perimeter)
+        factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+        return float(geom.area) * factor**2, float(geom.length) * factor
+
+
+def check_output(path: Path, *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an output we must not or cannot write, before any work starts.
+
+    Args:
+        path: Output path.
+        overwrite: Whether an existing output may be replaced.
+        resume: Whether the run continues an interrupted one (an existing finished output is still refused).
+
+    Raises:
+        UserError: Unsupported extension, existing output without ``--overwrite``, missing
+            or unwritable directory.
+    """
+    if path.suffix.lower() not in DRIVERS:
+        raise UserError(f"unsupported output format {path.suffix!r}; use one of {', '.join(DRIVERS)}")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output directory {parent} is not writable")
+
+
+def sidecars(path: Path) -> dict[str, Path]:
+    """Files a run writes for ``path``: ``objects`` always, ``tiles``/``runs`` beside it unless GeoPackage."""
+    if path.suffix.lower() == ".gpkg":
+        return {"objects": path}
+    return {
+        "objects": path,
+        "tiles": path.with_name(f"{path.stem}_tiles{path.suffix}"),
+        "runs": path.with_name(f"{path.stem}_runs.json"),
+    }
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """A merged object ready for the ``objects`` layer.
+
+    Attributes:
+        merged: The ``MergedObject`` (scene pixel coordinates, used for the mask raster).
+        geometry: The outline in CRS units (simplified if asked).
+        area_m2: Area, m² (NaN without a CRS).
+        perimeter_m: Perimeter, m (NaN without a CRS).
+    """
+
+    merged: Any
+    geometry: Any
+    area_m2: float
+    perimeter_m: float
+
+
+def select_objects(
+    objects: list[Any],
+    georef: Georef,
+    *,
+    simplify: float,
+    min_area: float,
+    min_score: float = 0.0,
+    top_k: int | None = None,
+    by_score: bool = False,
+) -> list[OutputObject]:
+    """Map objects to the CRS, measure them and apply the filters.
+
+    Args:
+        objects: ``MergedObject`` list (scene pixel coordinates).
+        georef: Scene georeferencing.
+        simplify: Douglas-Peucker tolerance in map units (0: none); topology preserved.
+        min_area: Objects smaller than this are dropped, m² (pixels² without a CRS).
+        min_score: Objects scoring lower are dropped.
+        top_k: Keep only the ``top_k`` best-scoring objects (None: all).
+        by_score: Order by descending score (else keep the input order).
+
+    Returns:
+        The kept objects in output order (``object_id`` = position + 1).
+    """
+    kept = []
+    for obj in objects:
+        geom = georef.to_crs(obj.geometry)
+        if simplify > 0:
+            geom = geom.simplify(simplify, preserve_topology=True)
+        if geom.is_empty or obj.score < min_score:
+            continue
+        area, perimeter = georef.metrics(geom)
+        if (geom.area if math.isnan(area) else area) < min_area:
+            continue
+        kept.append(OutputObject(obj, geom, area, perimeter))
+    if by_score or top_k is not None:
+        order = sorted(range(len(kept)), key=lambda i: (-kept[i].merged.score, i))[:top_k]
+        kept = [kept[i] for i in (order if by_score else sorted(order))]
+    return kept
+
+
+def objects_frame(objects: list[OutputObject], crs_wkt: str | None) -> Any:
+    """GeoDataFrame of the ``objects`` layer, ``object_id`` numbered from 1 in list order."""
+    import geopandas as gpd
+    from shapely.geometry import MultiPolygon, Polygon
+
+    rows, geoms = [], []
+    for i, out in enumerate(objects):
+        obj = out.merged
+        geoms.append(MultiPolygon([out.geometry]) if isinstance(out.geometry, Polygon) else out.geometry)
+        rows.append(
+            {
+                "object_id": i + 1,
+                "phrase": obj.phrase,
+                "category": obj.category,
+                "caption_id": obj.tile_id,
+                "phrase_idx": obj.phrase_idx,
+                "tile_id": obj.tile_id,
+                "tile_ids": ",".join(map(str, obj.tile_ids)),
+                "score": round(obj.score, 6),
+                "area_m2": out.area_m2,
+                "perimeter_m": out.perimeter_m,
+            }
+        )
+    frame = gpd.GeoDataFrame(rows, columns=list(OBJECT_FIELDS), geometry=gpd.GeoSeries(geoms, crs=crs_wkt))
+    return frame.astype(
+        {
+            "object_id": "int64",
+            "caption_id": "int64",
+            "phrase_idx": "int64",
+            "tile_id": "int64",
+            "score": "float64",
+            "area_m2": "float64",
+            "perimeter_m": "float64",
+        }
+    )
+
+
+def tiles_frame(records: list[dict[str, Any]], georef: Georef) -> Any:
+    """GeoDataFrame of the ``tiles`` layer from per-tile records (window in pixels, caption)."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    columns = [
+        "tile_id",
+        "row",
+        "col",
+        "x_off",
+        "y_off",
+        "width",
+        "height",
+        "status",
+        "caption",
+        "n_phrases",
+        "n_objects",
+    ]
+    geoms = [
+        georef.to_crs(box(r["x_off"], r["y_off"], r["x_off"] + r["width"], r["y_off"] + r["height"]))
+        for r in records
+    ]
+    rows = [{k: r[k] for k in columns} for r in records]
+    return gpd.GeoDataFrame(rows, columns=columns, geometry=gpd.GeoSeries(geoms, crs=georef.crs_wkt))
+
+
+def runs_frame(run: dict[str, Any]) -> Any:
+    """DataFrame of the one-row ``runs`` layer; ``options`` is stored as a JSON string."""
+    import pandas as pd
+
+    row = dict(run)
+    row["options"] = json.dumps(row.get("options", {}), sort_keys=True)
+    return pd.DataFrame([row])
+
+
+def _write_frame(frame: Any, path: Path, layer: str) -> None:
+    import pyogrio
+
+    suffix = path.suffix.lower()
+    if layer == "runs" and suffix != ".gpkg":
+        path.write_text(json.dumps(frame.to_dict(orient="records")[0], indent=2, default=str) + "\n")
+        return
+    if suffix == ".geojson" and frame.crs is not None:
+        frame = frame.to_crs(4326)  # RFC 7946
+    if suffix == ".shp":
+        frame = frame.rename(columns=SHAPEFILE_NAMES)
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+        return
+    gtype = {"objects": "MultiPolygon", "tiles": "Polygon"}.get(layer)
+    kwargs: dict[str, Any] = {"layer": layer} if suffix == ".gpkg" else {}
+    if gtype is not None:
+        kwargs["geometry_type"] = gtype
+    pyogrio.write_dataframe(frame, path, driver=DRIVERS[suffix], **kwargs)
+
+
+def write_layers(path: Path, frames: dict[str, Any]) -> list[Path]:
+    """Write the layers into a temporary directory beside ``path``, then rename into place.
+
+    ``objects`` is renamed last, so the output path appears only when everything is written;
+    on any failure nothing is left at the output path.
+
+    Args:
+        path: The output path (format by extension).
+        frames: ``{"objects": ..., "tiles": ..., "runs": ...}``.
+
+    Returns:
+        The files written, output path last.
+    """
+    targets = sidecars(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for layer in ("tiles", "runs", "objects"):
+            _write_frame(frames[layer], tmp / targets.get(layer, path).name, layer)
+        written = []
+        main = [p for p in tmp.iterdir() if p.name == path.name]
+        for p in sorted(tmp.iterdir()):
+            if p not in main:
+                os.replace(p, path.parent / p.name)
+                written.append(path.parent / p.name)
+        for p in main:
+            os.replace(p, path)
+            written.append(path)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def total_area(frame: Any) -> float:
+    """Sum of ``area_m2`` over a layer (NaN-safe)."""
+    return float(np.nansum(frame["area_m2"].to_numpy(dtype=np.float64))) if len(frame) else 0.0

@@ -1,0 +1,345 @@
+"""Scene -> tiles -> batches -> model -> pieces -> seam merge -> layers, with threads and resume.
+
+Reader threads read and stretch tiles ahead of the model (each thread owns a dataset handle);
+the calling thread batches tiles and runs the model; a writer thread vectorizes each batch and
+appends it to the journal. Peak memory is set by the batch size and the read-ahead, not by the
+scene. When every tile is done the pieces are merged across seams and the layers are written
+atomically; ``--resume`` reuses the journal's finished tiles and gives the same layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from geopixel_cli.errors import UserError
+from geopixel_cli.journal import Journal, journal_path, piece_from_json, piece_to_json
+from geopixel_cli.layers import Georef, objects_frame, runs_frame, select_objects, tiles_frame, write_layers
+from geopixel_cli.loader import SceneModel, load_model
+from geopixel_cli.merge import merge_pieces
+from geopixel_cli.raster import SceneInfo, SceneReader, TileData, open_scene
+from geopixel_cli.runconfig import RunConfig, RunSummary, validate
+from geopixel_cli.tiling import TileSpec, grid
+from geopixel_cli.vectorize import tile_pieces
+
+log = logging.getLogger("geopixel_cli")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _call_model(net: SceneModel, images: list[Any], config: RunConfig) -> list[Any]:
+    if config.command == "describe":
+        return net.describe_batch(
+            images, prompt=config.prompt, hd_num=config.hd_num, max_new_tokens=config.max_new_tokens
+        )
+    assert config.expression is not None
+    return net.segment_batch(
+        images, config.expression.strip(), hd_num=config.hd_num, max_new_tokens=config.max_new_tokens
+    )
+
+
+def tile_record(tile: TileSpec, data: TileData, result: Any | None, config: RunConfig) -> dict[str, Any]:
+    """The journal record of one finished tile (``result`` None: skipped as mostly nodata)."""
+    if result is None:
+        return {
+            "tile_id": tile.tile_id,
+            "status": "skipped_nodata",
+            "text": "",
+            "caption": "",
+            "n_phrases": 0,
+            "pieces": [],
+        }
+    if result.masks.shape[1:] != data.valid.shape:
+        raise RuntimeError(
+            f"model returned masks of shape {result.masks.shape[1:]} for a {data.valid.shape} tile"
+        )
+    expression = config.expression.strip() if config.command == "segment" and config.expression else None
+    pieces = tile_pieces(tile, result, data.valid, expression=expression, min_pixels=config.min_pixels)
+    return {
+        "tile_id": tile.tile_id,
+        "status": "done",
+        "text": result.text,
+        "caption": result.caption,
+        "n_phrases": len(result.phrases),
+        "pieces": [piece_to_json(p) for p in pieces],
+    }
+
+
+def _read_ahead(
+    todo: list[TileSpec], info: SceneInfo, config: RunConfig
+) -> Iterator[tuple[TileSpec, TileData]]:
+    """Tiles with their pixels, in order, read by a thread pool a bounded number of tiles ahead."""
+    local = threading.local()
+    readers: list[SceneReader] = []
+
+    def read(tile: TileSpec) -> TileData:
+        if not hasattr(local, "reader"):
+            local.reader = SceneReader(info)
+            readers.append(local.reader)
+        return local.reader.read(tile.window)
+
+    lookahead = 2 * config.batch_size + config.readers
+    pending: deque[tuple[TileSpec, Future[TileData]]] = deque()
+    tiles = iter(todo)
+    with ThreadPoolExecutor(config.readers, thread_name_prefix="geopixel-read") as pool:
+        try:
+            for tile in tiles:
+                pending.append((tile, pool.submit(read, tile)))
+                if len(pending) >= lookahead:
+                    break
+            while pending:
+                tile, future = pending.popleft()
+                nxt = next(tiles, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(read, nxt)))
+                yield tile, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+    for reader in readers:
+        reader.close()
+
+
+class _Writer(threading.Thread):
+    """Vectorizes finished batches and appends them to the journal, off the model's thread."""
+
+    def __init__(self, journal: Journal, config: RunConfig, on_done: Any) -> None:
+        super().__init__(name="geopixel-write", daemon=True)
+        self.inbox: queue.Queue[list[tuple[TileSpec, TileData, Any]] | None] = queue.Queue(maxsize=2)
+        self.records: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self._journal, self._config, self._on_done = journal, config, on_done
+
+    def run(self) -> None:
+        while (batch := self.inbox.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks
+            try:
+                records = [tile_record(t, d, r, self._config) for t, d, r in batch]
+                self._journal.append(records)
+                self.records.extend(records)
+                self._on_done(len(records))
+            except BaseException as exc:  # re-raised on the main thread
+                self.error = exc
+
+    def put(self, batch: list[tuple[TileSpec, TileData, Any]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.inbox.put(batch)
+
+
+def process_tiles(
+    todo: list[TileSpec], info: SceneInfo, net: SceneModel, journal: Journal, config: RunConfig, on_done: Any
+) -> list[dict[str, Any]]:
+    """Run the model over ``todo`` and journal every finished tile.
+
+    Args:
+        todo: Tiles still to do, in grid order.
+        info: The scene.
+        net: The model.
+        journal: Open journal to append to.
+        config: Run options.
+        on_done: Called with the number of tiles finished (progress).
+
+    Returns:
+        The new tile records.
+    """
+    writer = _Writer(journal, config, on_done)
+    writer.start()
+    batch: list[tuple[TileSpec, TileData]] = []
+    try:
+        for tile, data in _read_ahead(todo, info, config):
+            if data.valid.mean() < config.min_valid:
+                writer.put([(tile, data, None)])
+                continue
+            batch.append((tile, data))
+            if len(batch) == config.batch_size:
+                results = _call_model(net, [d.rgb for _, d in batch], config)
+                writer.put([(t, d, r) for (t, d), r in zip(batch, results, strict=True)])
+                batch = []
+        if batch:
+            results = _call_model(net, [d.rgb for _, d in batch], config)
+            writer.put([(t, d, r) for (t, d), r in zip(batch, results, strict=True)])
+    finally:
+        writer.inbox.put(None)
+        writer.join()
+    if writer.error is not None:
+        raise writer.error
+    return writer.records
+
+
+def _progress(config: RunConfig, total: int, done: int) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not config.progress,
+        transient=False,
+    )
+    progress.add_task(f"{config.command} tiles", total=total, completed=done)
+    return progress
+
+
+def _finish(
+    records: dict[int, dict[str, Any]],
+    tiles: list[TileSpec],
+    info: SceneInfo,
+    config: RunConfig,
+    run: dict[str, Any],
+) -> tuple[list[Path], int]:
+    """Merge, filter and write every output; returns the files and the object count."""
+    from geopixel_cli.products import write_mask_raster, write_preview
+
+    georef = Georef(info.crs_wkt, info.transform)
+    ordered = [records[t.tile_id] for t in tiles]
+    pieces = [piece_from_json(p) for r in ordered for p in r["pieces"]]
+    kept = select_objects(
+        merge_pieces(pieces, tiles),
+        georef,
+        simplify=config.simplify,
+        min_area=config.min_area,
+        min_score=config.min_score,
+        top_k=config.top_k,
+        by_score=config.command == "segment",
+    )
+    per_tile: dict[int, int] = {}
+    for obj in kept:
+        per_tile[obj.merged.tile_id] = per_tile.get(obj.merged.tile_id, 0) + 1
+    tile_rows = [
+        {
+            **{k: r[k] for k in ("tile_id", "status", "caption", "n_phrases")},
+            "row": t.row,
+            "col": t.col,
+            "x_off": t.window.col_off,
+            "y_off": t.window.row_off,
+            "width": t.window.width,
+            "height": t.window.height,
+            "n_objects": per_tile.get(t.tile_id, 0),
+        }
+        for t, r in zip(tiles, ordered, strict=True)
+    ]
+    run = {**run, "finished": _now(), "n_objects": len(kept)}
+    frames = {
+        "objects": objects_frame(kept, info.crs_wkt),
+        "tiles": tiles_frame(tile_rows, georef),
+        "runs": runs_frame(run),
+    }
+    files = write_layers(config.output, frames)
+    if config.mask_raster is not None:
+        write_mask_raster(config.mask_raster, info, kept)
+        files.append(config.mask_raster)
+    if config.preview is not None:
+        write_preview(config.preview, info, kept)
+        files.append(config.preview)
+    return files, len(kept)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geopixel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
+    """Run ``describe`` or ``segment`` over a whole scene and write its layers.
+
+    Args:
+        config: Run options.
+        model: An already loaded model (tests, notebooks); None loads ``config.model``.
+
+    Returns:
+        What was written.
+
+    Raises:
+        UserError: Any bad input, output or model, before anything is written at the output path.
+    """
+    started = time.perf_counter()
+    validate(config)
+    info = open_scene(config.scene, bidx=config.bidx)
+    if info.crs_wkt is None:
+        log.warning(
+            "%s has no CRS: coordinates are pixel (column, row) and areas are left empty", config.scene
+        )
+    tiles = grid(info.width, info.height, tile_size=config.tile_size, overlap=config.overlap)
+    journal = Journal(journal_path(config.output))
+    header = {"options": config.tile_options(), "started": _now()}
+    records: dict[int, dict[str, Any]] = {}
+    resuming = config.resume and journal.path.exists()
+    if resuming:
+        old, previous = journal.read()
+        header["started"] = old.get("started", header["started"])
+        records = {r["tile_id"]: r for r in previous}
+    elif config.resume:
+        log.warning("nothing to resume for %s: starting from the first tile", config.output)
+    todo = [t for t in tiles if t.tile_id not in records]
+    net = (
+        model
+        if model is not None or not todo
+        else load_model(config.model, device=config.device, dtype=config.dtype)
+    )
+    if resuming:
+        journal.resume(header)
+        log.info("resuming: %d of %d tiles already done", len(records), len(tiles))
+    else:
+        journal.start(header)
+    n_resumed = len(records)
+    try:
+        with _progress(config, len(tiles), len(records)) as progress:
+            task = progress.task_ids[0]
+            if todo:
+                assert net is not None
+                new = process_tiles(todo, info, net, journal, config, lambda n: progress.advance(task, n))
+                records.update({r["tile_id"]: r for r in new})
+    except KeyboardInterrupt:
+        journal.close()
+        raise UserError(
+            f"interrupted; finished tiles are kept, rerun with --resume to continue ({config.output})"
+        ) from None
+    except BaseException:
+        journal.close()
+        log.warning("finished tiles are kept: rerun with --resume to continue")
+        raise
+    run_row = {
+        "command": config.command,
+        "scene": config.scene,
+        "model": config.model,
+        "version": _version(),
+        "options": {
+            **config.tile_options(),
+            "min_area": config.min_area,
+            "simplify": config.simplify,
+            "min_score": config.min_score,
+            "top_k": config.top_k,
+        },
+        "started": header["started"],
+        "n_tiles": len(tiles),
+        "n_skipped": sum(r["status"] != "done" for r in records.values()),
+    }
+    files, n_objects = _finish(records, tiles, info, config, run_row)
+    journal.remove()
+    return RunSummary(
+        files=files,
+        n_tiles=len(tiles),
+        n_skipped=run_row["n_skipped"],
+        n_resumed=n_resumed,
+        n_objects=n_objects,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,153 @@
+"""Raster side products: the instance-id mask (Cloud Optimized GeoTIFF) and the PNG quicklook.
+
+Both are written block by block / from a decimated read, never from a full-size array, and
+both go to a temporary file renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopixel_cli.raster import SceneInfo
+
+MASK_BLOCK = 2048  # rows and columns rasterized at once (uint32: 16 MB)
+PREVIEW_SIDE = 1024
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+]
+
+
+def _staging(path: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+def write_mask_raster(path: Path, info: SceneInfo, objects: list[Any]) -> None:
+    """Write a uint32 COG on the scene's grid: pixel value = ``object_id`` (0 = no object).
+
+    Args:
+        path: Output ``.tif``.
+        info: The scene (size, CRS, transform).
+        objects: ``OutputObject`` list in ``object_id`` order (ids start at 1).
+    """
+    import rasterio
+    import rasterio.shutil
+    from affine import Affine
+    from rasterio.features import rasterize
+    from rasterio.windows import Window
+    from shapely import STRtree
+    from shapely.geometry import box
+
+    geoms = [o.merged.geometry for o in objects]
+    tree = STRtree(geoms) if geoms else None
+    tmp = _staging(path)
+    try:
+        profile = {
+            "driver": "GTiff",
+            "width": info.width,
+            "height": info.height,
+            "count": 1,
+            "dtype": "uint32",
+            "crs": info.crs_wkt,
+            "transform": Affine(*info.transform),
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+            "BIGTIFF": "IF_SAFER",
+        }
+        with rasterio.open(tmp / "plain.tif", "w", **profile) as dst:
+            for y in range(0, info.height, MASK_BLOCK):
+                for x in range(0, info.width, MASK_BLOCK):
+                    h, w = min(MASK_BLOCK, info.height - y), min(MASK_BLOCK, info.width - x)
+                    block = np.zeros((h, w), np.uint32)
+                    hits = tree.query(box(x, y, x + w, y + h)) if tree is not None else []
+                    if len(hits):
+                        shapes = [(geoms[i], i + 1) for i in sorted(hits)]
+                        block = rasterize(
+                            shapes, out_shape=(h, w), transform=Affine.translation(x, y), dtype="uint32"
+                        )
+                    dst.write(block, 1, window=Window(x, y, w, h))
+        rasterio.shutil.copy(
+            tmp / "plain.tif",
+            tmp / "cog.tif",
+            driver="COG",
+            compress="DEFLATE",
+            overview_resampling="nearest",
+            BIGTIFF="IF_SAFER",
+        )
+        os.replace(tmp / "cog.tif", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quicklook(info: SceneInfo, side: int) -> tuple[np.ndarray, float]:
+    """(h, w, 3) uint8 decimated RGB of the scene with its stretch, and the scale factor."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    scale = min(1.0, side / max(info.width, info.height))
+    h, w = max(1, round(info.height * scale)), max(1, round(info.width * scale))
+    with rasterio.open(info.path) as ds:
+        data = ds.read(list(info.bidx), out_shape=(3, h, w), resampling=Resampling.average)
+        valid = ds.read_masks(list(info.bidx), out_shape=(3, h, w)).min(axis=0) > 0
+    rgb = info.stretch.apply(data) if info.stretch is not None else data.astype(np.uint8)
+    return np.where(valid[None], rgb, 0).transpose(1, 2, 0), scale
+
+
+def write_preview(path: Path, info: SceneInfo, objects: list[Any], *, side: int = PREVIEW_SIDE) -> None:
+    """Write a PNG quicklook: decimated scene, translucent object masks, category labels.
+
+    Args:
+        path: Output ``.png``.
+        info: The scene.
+        objects: ``OutputObject`` list.
+        side: Longest side of the quicklook, pixels.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from shapely import get_parts
+
+    rgb, scale = _quicklook(info, side)
+    base = Image.fromarray(rgb).convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    colours: dict[str, tuple[int, int, int]] = {}
+    font = ImageFont.load_default()
+    for out in objects:
+        colour = colours.setdefault(out.merged.category, PALETTE[len(colours) % len(PALETTE)])
+        for part in get_parts(out.merged.geometry):
+            ring = [(x * scale, y * scale) for x, y in part.exterior.coords]
+            draw.polygon(ring, fill=(*colour, 110), outline=(*colour, 255))
+    for out in objects:
+        point = out.merged.geometry.representative_point()
+        colour = colours[out.merged.category]
+        draw.text(
+            (point.x * scale, point.y * scale),
+            out.merged.category,
+            fill=(*colour, 255),
+            font=font,
+            stroke_width=1,
+            stroke_fill=(0, 0, 0, 255),
+        )
+    tmp = _staging(path)
+    try:
+        Image.alpha_composite(base, overlay).convert("RGB").save(tmp / "preview.png")
+        os.replace(tmp / "preview.png", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
