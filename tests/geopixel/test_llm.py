@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from geopixel.config import GeoPixelConfig, LLMConfig
-from geopixel.llm import Attention, InternLM2, PLoRALinear, RMSNorm, llm_state_dict, rope_base, rope_cos_sin
+from geopixel.llm import (
+    Attention,
+    InternLM2,
+    PLoRALinear,
+    RMSNorm,
+    llm_state_dict,
+    padding_mask,
+    rope_base,
+    rope_cos_sin,
+)
 from safetensors.torch import load_file
 
 CASES = ["rrsis_img_800x800_hd9", "gcg_img_800x800_hd9", "rrsis_img_1000x600_hd4", "gcg_img_1000x600_hd4"]
@@ -205,3 +214,31 @@ def test_gradient_checkpointing_same_loss_and_grads(golden_dir: Path) -> None:
         model(x, im_mask=im).square().sum().backward()
         grads.append(model.layers[0].attention.wqkv.Plora_B.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_right_and_left_padded_batches_equal_single_rows(golden_dir: Path) -> None:
+    model = random_llm(GeoPixelConfig.from_dir(golden_dir).llm)
+    torch.manual_seed(2)
+    lens, width = (8, 5), model.config.hidden_size
+    rows = [torch.randn(n, width) for n in lens]
+    ims = [torch.arange(n) < 3 for n in lens]
+    with torch.no_grad():
+        singles = [model(r[None], im_mask=m[None])[0] for r, m in zip(rows, ims, strict=True)]
+        # Right padding (training): real tokens first, default positions 0..T-1.
+        x = torch.zeros(2, 8, width)
+        im = torch.zeros(2, 8, dtype=torch.bool)
+        valid = torch.zeros(2, 8, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            x[b, :n], im[b, :n], valid[b, :n] = rows[b], ims[b], True
+        right = model(x, im_mask=im, attn_mask=padding_mask(valid))
+        # Left padding (generation): per-row positions start at the first real token.
+        pad = torch.tensor([8 - n for n in lens])
+        xl, iml, validl = (
+            torch.stack([t.roll(int(p), 0) for t, p in zip(z, pad, strict=True)]) for z in (x, im, valid)
+        )
+        positions = (torch.arange(8)[None] - pad[:, None]).clamp(min=0)
+        left = model(xl, im_mask=iml, positions=positions, attn_mask=padding_mask(validl))
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(right[b, :n], singles[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(left[b, 8 - n :], singles[b], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(right).all() and torch.isfinite(left).all()
