@@ -348,3 +348,27 @@ def test_train_mode_gradients(grounding: Grounding, encoded: tuple[torch.Tensor,
     assert grounding.mask_decoder.output_hypernetworks_mlps[0].proj_in.weight.grad is not None
     assert grounding.mask_decoder.conv_s0.weight.grad is None
     grounding.zero_grad()
+
+
+def test_train_sample_golden(grounding: Grounding, golden_dir: Path) -> None:
+    """README (e): the training forward's SAM-2 masks (train mode: token 0, no dynamic selection)."""
+    gold = load_file(str(golden_dir / "train_sample.safetensors"))
+    meta = json.loads((golden_dir / "train_sample.json").read_text())
+    image = np.array(Image.open(golden_dir / "sample" / "P0224_0_800_0_800.png").convert("RGB"))
+    pixels = grounding.preprocess([image])
+    _close(
+        "image_g_mean",
+        pixels[0].double().mean((1, 2)),
+        torch.tensor(meta["image_g_mean_per_channel"], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
+    feats = grounding.encode_images(pixels)
+    grounding.train()
+    try:
+        with torch.no_grad():
+            out = grounding.decode_masks(feats, gold["seg_embeddings"], orig_hw=tuple(meta["ori_hw"]))
+    finally:
+        grounding.eval()
+    _close("train low_res_masks", out.low_res, gold["low_res_masks"], atol=5e-2, rtol=0)
+    assert out.mask_logits.shape == (meta["n_gt_masks"], *meta["ori_hw"])
