@@ -246,6 +246,12 @@ class Grounding(nn.Module):
         Returns:
             Full-size logits, selected low-res logits and IoUs.
         """
+        if prompts.shape[0] == 0:  # no [SEG]: nothing to decode
+            side = 4 * self.embed_hw
+            empty = features.image_embed.new_zeros((0, 1, side, side))
+            return MaskOutput(
+                empty.new_zeros((0, *orig_hw), dtype=torch.float32), empty, empty.new_zeros((0,))
+            )
         out = self.predict_masks(features, prompts, index=index)
         dynamic = multimask_stability and not self.training
         token = select_mask_tokens(

@@ -227,6 +227,15 @@ def test_matches_transformers_decoder_forward(grounding: Grounding, unit: dict[s
         _close(f"hf iou training={training}", ours.iou, ref_iou[0, :, 0], atol=1e-6, rtol=1e-6)
 
 
+def test_no_prompts_gives_empty_masks(grounding: Grounding, unit: dict[str, torch.Tensor]) -> None:
+    out = grounding.decode_masks(_unit_features(unit, "stable"), torch.zeros(0, 16), orig_hw=(30, 40))
+    assert (
+        out.mask_logits.shape == (0, 30, 40)
+        and out.low_res.shape == (0, 1, 256, 256)
+        and out.iou.shape == (0,)
+    )
+
+
 def test_stability_selection_rules() -> None:
     low = torch.full((3, 4, 8, 8), -1.0)
     low[0, 0] = 1.0  # stable token 0 (stability 1)
