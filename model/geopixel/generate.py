@@ -206,7 +206,9 @@ def generate(
     embed = embed_fn if embed_fn is not None else model.tok_embeddings
     setup_caches(model, batch=bsz, max_len=seqlen + max_new_tokens, dtype=x.dtype, device=x.device)
     tokens = torch.full((bsz, max_new_tokens), eos_id, dtype=torch.long, device=x.device)
-    hidden_buf = x.new_zeros(bsz, max_new_tokens, width)  # hidden at the input position of token k
+    # Static workspace: last-layer hidden at the input position of token k (8 MiB per row for the
+    # 7B model at 1024 tokens in bf16); only the [SEG] rows leave this function.
+    hidden_buf = x.new_zeros(bsz, max_new_tokens, width)  # (B, N, C)
     done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
     padded = any(n != seqlen for n in (int(r.shape[0]) for r in rows))
     _, logits = prefill(model, x, im_mask=im if masks is not None else None, pad=pad if padded else None)
