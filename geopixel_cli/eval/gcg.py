@@ -70,8 +70,9 @@ def greedy_miou(ious: np.ndarray) -> float:
     return float(np.mean(paired)) if paired else 0.0
 
 
-def greedy_recall_matches(ious: np.ndarray, sims: np.ndarray, *, iou_thr: float = 0.5,
-                          sim_thr: float = 0.5) -> int:
+def greedy_recall_matches(
+    ious: np.ndarray, sims: np.ndarray, *, iou_thr: float = 0.5, sim_thr: float = 0.5
+) -> int:
     """GLaMM's ``find_best_matches`` + its caller's error handling: true positives of one image.
 
     Args:
@@ -124,8 +125,9 @@ def score_image(gt: GcgImage, pred: GcgPrediction, similarities: dict[str, Simil
     return ImageScores(miou=greedy_miou(ious), gt_phrases=len(gt.labels), true_positives=tps)
 
 
-def coco_segm_stats(images: list[GcgImage], preds: dict[str, GcgPrediction],
-                    splits: dict[str, list[str]]) -> dict[str, list[float]]:
+def coco_segm_stats(
+    images: list[GcgImage], preds: dict[str, GcgPrediction], splits: dict[str, list[str]]
+) -> dict[str, list[float]]:
     """COCOeval ``segm`` summary (12 numbers; ``[1]`` = AP50) per split, as GLaMM runs it.
 
     Every predicted mask is a category-1 detection with score 1.0, listed image by image in GT
@@ -143,8 +145,11 @@ def coco_segm_stats(images: list[GcgImage], preds: dict[str, GcgPrediction],
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    dets = [{"image_id": im.image_id, "category_id": 1, "segmentation": dict(m), "score": 1.0}
-            for im in images for m in preds[im.image_id].masks]
+    dets = [
+        {"image_id": im.image_id, "category_id": 1, "segmentation": dict(m), "score": 1.0}
+        for im in images
+        for m in preds[im.image_id].masks
+    ]
     if not dets:
         return {name: [0.0] * 12 for name in splits}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -177,19 +182,29 @@ def _coco_gt_dataset(images: list[GcgImage]) -> dict[str, Any]:
             ann_id = given.get("id")
             if not isinstance(ann_id, int):
                 ann_id, next_id = next_id, next_id + 1
-            anns.append({
-                "id": ann_id, "image_id": im.image_id, "category_id": 1,
-                "iscrowd": int(given.get("iscrowd", 0)),
-                "segmentation": dict(rle),
-                "area": float(given.get("area", mask_utils.area(coco))),
-                "bbox": given.get("bbox") or [float(v) for v in mask_utils.toBbox(coco)],
-            })
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": im.image_id,
+                    "category_id": 1,
+                    "iscrowd": int(given.get("iscrowd", 0)),
+                    "segmentation": dict(rle),
+                    "area": float(given.get("area", mask_utils.area(coco))),
+                    "bbox": given.get("bbox") or [float(v) for v in mask_utils.toBbox(coco)],
+                }
+            )
     imgs = [{"id": im.image_id, "height": im.height, "width": im.width} for im in images]
     return {"images": imgs, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
 
 
-def evaluate_gcg(images: list[GcgImage], preds: dict[str, GcgPrediction], *, splits: dict[str, list[str]],
-                 similarities: dict[str, SimilarityFn], caption_by_split: bool = True) -> dict[str, Any]:
+def evaluate_gcg(
+    images: list[GcgImage],
+    preds: dict[str, GcgPrediction],
+    *,
+    splits: dict[str, list[str]],
+    similarities: dict[str, SimilarityFn],
+    caption_by_split: bool = True,
+) -> dict[str, Any]:
     """All RS-GCG numbers, nested like ``shared/golden/eval/gcg/expected.json``.
 
     Args:
@@ -213,8 +228,11 @@ def evaluate_gcg(images: list[GcgImage], preds: dict[str, GcgPrediction], *, spl
 
     overall_caps = caption_scores(splits["overall"])
     report: dict[str, Any] = {
-        "caption": {"CIDEr": overall_caps.cider, "METEOR": overall_caps.meteor,
-                    "other_scores_printed_by_reference": overall_caps.other},
+        "caption": {
+            "CIDEr": overall_caps.cider,
+            "METEOR": overall_caps.meteor,
+            "other_scores_printed_by_reference": overall_caps.other,
+        },
         "caption_by_split": {},
         "splits": {},
         "per_image": {},
@@ -222,26 +240,45 @@ def evaluate_gcg(images: list[GcgImage], preds: dict[str, GcgPrediction], *, spl
     for name, ids in splits.items():
         if caption_by_split:
             caps = overall_caps if name == "overall" else (caption_scores(ids) if ids else None)
-            report["caption_by_split"][name] = ({"CIDEr": caps.cider, "METEOR": caps.meteor} if caps
-                                                else {"CIDEr": None, "METEOR": None})
+            report["caption_by_split"][name] = (
+                {"CIDEr": caps.cider, "METEOR": caps.meteor} if caps else {"CIDEr": None, "METEOR": None}
+            )
         report["splits"][name] = _split_block(ids, per_image, stats.get(name, [-1.0] * 12), similarities)
     for image_id, s in per_image.items():
         row: dict[str, Any] = {"mIoU": s.miou}
         row.update({f"tp_{k}": v for k, v in s.true_positives.items()})
-        row.update({"gt_phrases": s.gt_phrases, "CIDEr": overall_caps.per_image_cider[image_id],
-                    "METEOR": overall_caps.per_image_meteor[image_id]})
+        row.update(
+            {
+                "gt_phrases": s.gt_phrases,
+                "CIDEr": overall_caps.per_image_cider[image_id],
+                "METEOR": overall_caps.per_image_meteor[image_id],
+            }
+        )
         report["per_image"][image_id] = row
     return report
 
 
-def _split_block(ids: list[str], per_image: dict[str, ImageScores], stats: list[float],
-                 similarities: dict[str, SimilarityFn]) -> dict[str, Any]:
+def _split_block(
+    ids: list[str],
+    per_image: dict[str, ImageScores],
+    stats: list[float],
+    similarities: dict[str, SimilarityFn],
+) -> dict[str, Any]:
     gt_total = sum(per_image[i].gt_phrases for i in ids)
     recall: dict[str, Any] = {}
     for name in similarities:
         tp = sum(per_image[i].true_positives[name] for i in ids)
-        recall[name] = {"recall": tp / gt_total if gt_total > 0 else 0.0, "true_positives": tp,
-                        "gt_phrases": gt_total}
+        recall[name] = {
+            "recall": tp / gt_total if gt_total > 0 else 0.0,
+            "true_positives": tp,
+            "gt_phrases": gt_total,
+        }
     mious = [per_image[i].miou for i in ids]
-    return {"image_ids": list(ids), "num_images": len(ids), "AP50": stats[1], "coco_segm_stats": stats,
-            "mIoU": float(np.mean(mious)) if mious else 0.0, "recall": recall}
+    return {
+        "image_ids": list(ids),
+        "num_images": len(ids),
+        "AP50": stats[1],
+        "coco_segm_stats": stats,
+        "mIoU": float(np.mean(mious)) if mious else 0.0,
+        "recall": recall,
+    }

@@ -39,6 +39,7 @@ class GcgImage:
         labels: GT phrases, index-aligned with ``masks``.
         masks: One compressed RLE per phrase, in phrase order.
         anns: The COCO annotation dicts of the masks (ids, area, bbox kept as given).
+        image_path: The image file, when known (needed only to run a model).
     """
 
     image_id: str
@@ -48,6 +49,7 @@ class GcgImage:
     labels: list[str]
     masks: list[Rle]
     anns: list[dict[str, Any]] = field(default_factory=list)
+    image_path: Path | None = None
 
 
 @dataclass
@@ -68,8 +70,12 @@ class GcgPrediction:
 
     def to_json(self) -> dict[str, Any]:
         """The record as GLaMM's ``infer.py`` writes it."""
-        return {"image_id": self.image_id, "caption": self.caption, "phrases": self.phrases,
-                "pred_masks": self.masks}
+        return {
+            "image_id": self.image_id,
+            "caption": self.caption,
+            "phrases": self.phrases,
+            "pred_masks": self.masks,
+        }
 
 
 def _read_json(path: Path) -> Any:
@@ -133,6 +139,7 @@ def read_coco_pair(mask_file: Path, caption_file: Path) -> list[GcgImage]:
     """
     masks_js, caps_js = _read_json(mask_file), _read_json(caption_file)
     sizes = {str(im["id"]): (int(im["height"]), int(im["width"])) for im in masks_js.get("images", [])}
+    folder = mask_file.parent
     anns_by_image: dict[str, list[dict[str, Any]]] = {}
     for ann in masks_js.get("annotations", []):
         anns_by_image.setdefault(str(ann["image_id"]), []).append(ann)
@@ -149,11 +156,20 @@ def read_coco_pair(mask_file: Path, caption_file: Path) -> list[GcgImage]:
             raise EvalError(f"{mask_file.name}: image {image_id} of {caption_file.name} is missing")
         if image_id not in caps:
             raise EvalError(f"{caption_file.name}: image {image_id} has no caption annotation")
-        images.append(_gt_record(image_id, sizes[image_id], caps[image_id], anns_by_image.get(image_id, [])))
+        record = _gt_record(image_id, sizes[image_id], caps[image_id], anns_by_image.get(image_id, []))
+        record.image_path = _find_image(folder, str(im.get("file_name") or f"{image_id}.png"))
+        images.append(record)
     extra = set(sizes) - {im.image_id for im in images}
     if extra:
         raise EvalError(f"{mask_file.name}: images not in {caption_file.name}: {sorted(extra)[:5]}")
     return images
+
+
+def _find_image(folder: Path, file_name: str) -> Path | None:
+    for base in (folder, folder / "images", folder.parent / "images"):
+        if (base / file_name).is_file():
+            return base / file_name
+    return None
 
 
 def _gt_record(
@@ -164,8 +180,10 @@ def _gt_record(
         raise EvalError(f"GT image {image_id}: caption annotation needs a 'labels' list of strings")
     if len(labels) != len(anns):
         raise EvalError(f"GT image {image_id}: {len(labels)} labels but {len(anns)} mask annotations")
-    masks = [check_rle(a.get("segmentation"), where=f"GT image {image_id} mask {i}", size=size)
-             for i, a in enumerate(anns)]
+    masks = [
+        check_rle(a.get("segmentation"), where=f"GT image {image_id} mask {i}", size=size)
+        for i, a in enumerate(anns)
+    ]
     return GcgImage(image_id, size[0], size[1], str(cap.get("caption", "")), list(labels), masks, anns)
 
 
@@ -211,8 +229,10 @@ def load_gcg_predictions(path: Path, images: list[GcgImage]) -> tuple[dict[str, 
     preds: dict[str, GcgPrediction] = {}
     for im in images:
         if im.image_id not in raw:
-            raise EvalError(f"image {im.image_id}: no prediction in {path} (every GT image needs one; "
-                            "an image where the model grounded nothing gets empty lists)")
+            raise EvalError(
+                f"image {im.image_id}: no prediction in {path} (every GT image needs one; "
+                "an image where the model grounded nothing gets empty lists)"
+            )
         where, rec = raw[im.image_id]
         preds[im.image_id] = parse_prediction(rec, im, where=where)
     return preds, extra
@@ -252,8 +272,10 @@ def parse_prediction(rec: Any, image: GcgImage, *, where: str) -> GcgPrediction:
     if not isinstance(masks, list):
         raise EvalError(f"{where}: 'pred_masks' must be a list of RLEs")
     size = (image.height, image.width)
-    rles = [check_rle(m, where=f"{where} (image {image.image_id}) pred_masks[{i}]", size=size)
-            for i, m in enumerate(masks)]
+    rles = [
+        check_rle(m, where=f"{where} (image {image.image_id}) pred_masks[{i}]", size=size)
+        for i, m in enumerate(masks)
+    ]
     return GcgPrediction(image.image_id, caption, list(phrases), rles)
 
 

@@ -81,18 +81,21 @@ def read_geopixeld_record(file: Path, *, first_ann_id: int = 1) -> GcgImage:
     labels = [p.strip() for p in _PHRASE.findall(text)]
     n_seg = text.count("[SEG]")
     if not len(labels) == n_seg == len(polygons):
-        raise EvalError(f"{file.name}: {len(labels)} phrases, {n_seg} [SEG] and {len(polygons)} polygon "
-                        "lists; GeoPixelD needs one mask per phrase")
-    with Image.open(image_path_for(file)) as im:
+        raise EvalError(
+            f"{file.name}: {len(labels)} phrases, {n_seg} [SEG] and {len(polygons)} polygon "
+            "lists; GeoPixelD needs one mask per phrase"
+        )
+    with Image.open(image_path_for(file)) as im:  # reads the header only
         width, height = im.size
     caption = text
     for marker in ("<p>", "</p>", "[SEG]"):
         caption = caption.replace(marker, "")
     caption = " ".join(caption.split())
-    masks = [polygons_to_rle(p, height, width, where=f"{file.name} phrase {i}")
-             for i, p in enumerate(polygons)]
+    masks = [
+        polygons_to_rle(p, height, width, where=f"{file.name} phrase {i}") for i, p in enumerate(polygons)
+    ]
     anns = [_annotation(first_ann_id + i, file.stem, m) for i, m in enumerate(masks)]
-    return GcgImage(file.stem, height, width, caption, labels, masks, anns)
+    return GcgImage(file.stem, height, width, caption, labels, masks, anns, image_path=image_path_for(file))
 
 
 def polygons_to_rle(polys: Any, height: int, width: int, *, where: str) -> Rle:
@@ -136,5 +139,12 @@ def _annotation(ann_id: int, image_id: str, rle: Rle) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
     coco = {"size": rle["size"], "counts": rle["counts"].encode()}
-    return {"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": rle, "iscrowd": 0,
-            "area": float(mask_utils.area(coco)), "bbox": [float(v) for v in mask_utils.toBbox(coco)]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "segmentation": rle,
+        "iscrowd": 0,
+        "area": float(mask_utils.area(coco)),
+        "bbox": [float(v) for v in mask_utils.toBbox(coco)],
+    }

@@ -98,9 +98,18 @@ def read_gt_json(path: Path) -> list[RrsisSample]:
         if (rec.get("height", h), rec.get("width", w)) != (h, w):
             raise EvalError(f"{path.name} sample {sid}: mask size {h}x{w} differs from height/width")
         image = rec.get("file_name") or rec.get("image")
-        samples.append(RrsisSample(sid, str(rec.get("ref_id", sid)), str(rec.get("image_id", "")),
-                                   str(rec.get("sentence", "")), h, w, mask,
-                                   (path.parent / image) if image else None))
+        samples.append(
+            RrsisSample(
+                sid,
+                str(rec.get("ref_id", sid)),
+                str(rec.get("image_id", "")),
+                str(rec.get("sentence", "")),
+                h,
+                w,
+                mask,
+                (path.parent / image) if image else None,
+            )
+        )
     return samples
 
 
@@ -133,8 +142,10 @@ def load_rrsis_predictions(path: Path, samples: list[RrsisSample]) -> tuple[dict
         out[sid] = check_rle(rec.get("mask"), where=f"{path.name} sample {sid}", size=sizes[sid])
     missing = [s.sample_id for s in samples if s.sample_id not in out]
     if missing:
-        raise EvalError(f"sample {missing[0]}: no prediction in {path} ({len(missing)} samples missing; "
-                        "a model answer without [SEG] is an empty mask, not a missing record)")
+        raise EvalError(
+            f"sample {missing[0]}: no prediction in {path} ({len(missing)} samples missing; "
+            "a model answer without [SEG] is an empty mask, not a missing record)"
+        )
     return out, extra
 
 

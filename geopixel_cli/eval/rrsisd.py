@@ -40,8 +40,10 @@ def read_rrsisd(root: Path, *, split: str = "test") -> list[RrsisSample]:
     ann_dir = root / "rrsisd" if (root / "rrsisd").is_dir() else root
     refs_file, inst_file = ann_dir / "refs(unc).p", ann_dir / "instances.json"
     if not refs_file.is_file() or not inst_file.is_file():
-        raise EvalError(f"{root}: not an RRSIS-D folder (needs rrsisd/refs(unc).p and rrsisd/instances.json) "
-                        "nor a gt.json")
+        raise EvalError(
+            f"{root}: not an RRSIS-D folder (needs rrsisd/refs(unc).p and rrsisd/instances.json) "
+            "nor a gt.json"
+        )
     with refs_file.open("rb") as fh:
         refs = pickle.load(fh)  # the dataset's own format
     inst = json.loads(inst_file.read_text())
@@ -58,14 +60,16 @@ def read_rrsisd(root: Path, *, split: str = "test") -> list[RrsisSample]:
     return samples
 
 
-def _ref_samples(ref: dict[str, Any], images: dict[Any, Any], anns: dict[Any, Any],
-                 image_dir: Path | None) -> list[RrsisSample]:
+def _ref_samples(
+    ref: dict[str, Any], images: dict[Any, Any], anns: dict[Any, Any], image_dir: Path | None
+) -> list[RrsisSample]:
     where = f"RRSIS-D ref {ref.get('ref_id')}"
     image = images.get(ref.get("image_id"))
     ann = anns.get(ref.get("ann_id"))
     if image is None or ann is None:
-        raise EvalError(f"{where}: image {ref.get('image_id')} or annotation {ref.get('ann_id')} not in "
-                        "instances.json")
+        raise EvalError(
+            f"{where}: image {ref.get('image_id')} or annotation {ref.get('ann_id')} not in instances.json"
+        )
     h, w = int(image["height"]), int(image["width"])
     mask = encode_mask(ref_mask(ann["segmentation"], h, w, where=where))
     path = image_dir / image["file_name"] if image_dir is not None else None
@@ -73,8 +77,18 @@ def _ref_samples(ref: dict[str, Any], images: dict[Any, Any], anns: dict[Any, An
     for n, sent in enumerate(ref.get("sentences", [])):
         sid = sent.get("sent_id", n)
         text = sent.get("raw") or sent.get("sent") or ""
-        out.append(RrsisSample(f"{ref['ref_id']}_{sid}", str(ref["ref_id"]), str(ref["image_id"]),
-                               str(text).strip(), h, w, mask, path))
+        out.append(
+            RrsisSample(
+                f"{ref['ref_id']}_{sid}",
+                str(ref["ref_id"]),
+                str(ref["image_id"]),
+                str(text).strip(),
+                h,
+                w,
+                mask,
+                path,
+            )
+        )
     return out
 
 

