@@ -132,8 +132,10 @@ def validate(config: RunConfig) -> None:
         raise UserError("--batch-size, --hd-num and --max-new-tokens must be at least 1")
     if config.top_k is not None and config.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    check_output(config.output, overwrite=config.overwrite)
     for path in sidecars(config.output).values():
-        check_output(path, overwrite=config.overwrite)
+        if path.exists() and not config.overwrite:
+            raise UserError(f"{path} already exists; pass --overwrite to replace it")
     for maybe, suffixes, option in (
         (config.mask_raster, (".tif", ".tiff"), "--mask-raster"),
         (config.preview, (".png",), "--preview"),

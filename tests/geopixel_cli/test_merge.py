@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from geopixel_cli.merge import merge_pieces
+from geopixel_cli.tiling import grid
+from geopixel_cli.vectorize import Piece, category_of, mask_polygons
+
+
+def _perfect_pieces(tiles, rects, *, category="red roof", grow=None):
+    """What a perfect per-tile segmenter reports: each rect clipped to each tile window that sees it."""
+    pieces = []
+    for t in tiles:
+        for k, (x0, y0, x1, y1) in enumerate(rects):
+            g = grow.get(t.tile_id, 0) if grow else 0
+            part = box(x0 - g, y0 - g, x1 + g, y1 + g).intersection(box(*t.window.bounds))
+            if part.area > 0:
+                cat = category if isinstance(category, str) else category[k]
+                pieces.append(Piece(t.tile_id, 0, cat, cat, 0.5 + 0.01 * t.tile_id, part))
+    return pieces
+
+
+def _assert_same(objects, rects):
+    assert len(objects) == len(rects)
+    for rect in rects:
+        target = box(*rect)
+        matches = [o for o in objects if o.geometry.intersects(target) and o.geometry.intersection(target).area > 0]
+        assert len(matches) == 1, rect
+        assert matches[0].geometry.symmetric_difference(target).area == pytest.approx(0.0)
+
+
+# 517 x 433, tile 200, overlap 40: windows start at 0/160/317 (x) and 0/160/233 (y); cores cut at 180, 338 / 180, 296.
+TILES = grid(517, 433, tile_size=200, overlap=40)
+CASES = {
+    "cut by a window edge": [(150, 50, 230, 90)],
+    "inside an overlap": [(165, 100, 195, 130)],
+    "four-tile corner": [(170, 165, 215, 215)],
+    "spans three tiles": [(10, 10, 400, 30)],
+    "snapped last column": [(300, 300, 480, 330)],
+    "inside one tile": [(20, 40, 60, 70)],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_objects_across_seams_become_one(name):
+    rects = CASES[name]
+    objects = merge_pieces(_perfect_pieces(TILES, rects), TILES)
+    _assert_same(objects, rects)
+
+
+def test_all_cases_together_no_duplicates():
+    rects = [r for rs in CASES.values() for r in rs]
+    objects = merge_pieces(_perfect_pieces(TILES, rects), TILES)
+    _assert_same(objects, rects)
+
+
+def test_seams_without_overlap_merge_by_shared_edge():
+    tiles = grid(400, 400, tile_size=200, overlap=0)
+    rects = [(150, 150, 250, 260), (10, 190, 60, 210), (300, 10, 320, 30)]
+    objects = merge_pieces(_perfect_pieces(tiles, rects), tiles)
+    _assert_same(objects, rects)
+    corner = next(o for o in objects if o.geometry.contains(box(190, 190, 210, 210)))
+    assert corner.tile_ids == (0, 1, 2, 3)
+
+
+def test_different_categories_touching_stay_apart():
+    rects = [(150, 50, 190, 90), (190, 50, 230, 90)]
+    pieces = _perfect_pieces(TILES, rects, category=["red roof", "storage tank"])
+    objects = merge_pieces(pieces, TILES)
+    assert sorted(o.category for o in objects) == ["red roof", "storage tank"]
+    _assert_same(objects, rects)
+
+
+def test_disagreeing_tiles_merge_and_owner_wins_in_its_core():
+    rect = (150, 50, 230, 90)
+    pieces = _perfect_pieces(TILES, [rect], grow={0: 3})  # tile 0 predicts 3 px too wide
+    objects = merge_pieces(pieces, TILES)
+    assert len(objects) == 1
+    geom = objects[0].geometry
+    # right part (x >= 180) is owned by tile 1 and exact; left part comes from tile 0 (grown)
+    assert geom.intersection(box(180, 0, 517, 433)).symmetric_difference(box(180, 50, 230, 90)).area == 0
+    assert geom.bounds == (147.0, 47.0, 230.0, 93.0)
+
+
+def test_neighbours_that_do_not_overlap_enough_stay_apart():
+    # two separate cars inside the overlap strip, each seen by both tiles
+    rects = [(165, 10, 175, 20), (185, 10, 195, 20)]
+    objects = merge_pieces(_perfect_pieces(TILES, rects), TILES)
+    _assert_same(objects, rects)
+
+
+def test_score_and_representative():
+    rect = (150, 50, 230, 90)
+    objects = merge_pieces(_perfect_pieces(TILES, [rect]), TILES)
+    obj = objects[0]
+    assert obj.tile_ids == (0, 1)
+    # contributions: tile 0 owns x 150..180 (30 px wide), tile 1 x 180..230 (50 px wide)
+    assert obj.tile_id == 1
+    assert obj.score == pytest.approx((30 * 0.50 + 50 * 0.51) / 80)
+
+
+def test_mask_polygons_scene_coordinates_and_holes():
+    mask = np.zeros((20, 30), bool)
+    mask[2:12, 5:25] = True
+    mask[5:8, 10:14] = False  # a hole
+    mask[15, 0] = True  # one-pixel noise
+    polys = mask_polygons(mask, col_off=100, row_off=200, min_pixels=4)
+    assert len(polys) == 1
+    assert polys[0].bounds == (105.0, 202.0, 125.0, 212.0)
+    assert polys[0].area == 200 - 12
+    assert len(polys[0].interiors) == 1
+
+
+@pytest.mark.parametrize("phrase,category", [
+    ("two white cars", "small vehicle"), ("a storage tank", "storage tank"), ("Storage Tanks", "storage tank"),
+    ("the red roofs", "red roof"), ("a large harbour", "harbor"), ("", "object"),
+])
+def test_category_of(phrase, category):
+    assert category_of(phrase) == category

@@ -1,0 +1,248 @@
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+from affine import Affine
+from cli_scenes import Rect, ScriptedModel, make_scene
+from pyproj import CRS
+from shapely.geometry import box
+
+from geopixel_cli.errors import UserError
+from geopixel_cli.journal import journal_path
+from geopixel_cli.pipeline import run
+from geopixel_cli.runconfig import RunConfig
+
+# 517 x 433 px with tile 200 / overlap 40: seams near x 160-200, 317-360 and y 160-200, 233-296.
+RECTS = (
+    Rect(150, 50, 230, 90),  # cut by tile 0's right edge
+    Rect(170, 165, 215, 215),  # four-tile corner
+    Rect(300, 300, 480, 330),  # into the snapped last column
+    Rect(20, 260, 60, 290, "blue"),
+    Rect(380, 20, 420, 60, "blue"),
+)
+UTM = Affine(0.5, 0, 500000.0, 0, -0.5, 5000000.0)
+
+
+def _config(scene, out, **kw):
+    base = dict(command="describe", scene=str(scene), output=Path(out), model="scripted", tile_size=200,
+                overlap=40, batch_size=2, progress=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _crs_box(rect, t):
+    x0, y0 = t @ (rect.x0, rect.y0)
+    x1, y1 = t @ (rect.x1, rect.y1)
+    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _check_objects(objects, rects, transform):
+    assert len(objects) == len(rects)
+    for rect in rects:
+        target = _crs_box(rect, transform)
+        hits = objects[objects.geometry.intersection(target).area > 0.01 * target.area]
+        assert len(hits) == 1, rect
+        geom = hits.geometry.iloc[0]
+        assert geom.symmetric_difference(target).area <= 1e-6 * target.area
+        assert hits["phrase"].iloc[0] == ("red roofs" if rect.colour == "red" else "a storage tank")
+
+
+@pytest.mark.parametrize("crs,dtype,bands,nodata,border", [
+    ("EPSG:32633", "uint8", 3, None, 0),
+    ("EPSG:32733", "uint16", 3, 0, 12),
+    ("EPSG:32633", "uint8", 4, 0, 12),
+])
+def test_describe_projected_scene_to_gpkg(tmp_path, crs, dtype, bands, nodata, border):
+    scene = make_scene(tmp_path / "scene.tif", crs=crs, dtype=dtype, bands=bands, nodata=nodata, border=border,
+                       rects=RECTS)
+    model = ScriptedModel()
+    summary = run(_config(scene, tmp_path / "out.gpkg"), model=model)
+    out = tmp_path / "out.gpkg"
+    assert summary.files[-1] == out and out.exists()
+    assert not journal_path(out).exists()
+    assert sorted(pyogrio.list_layers(out)[:, 0].tolist()) == ["objects", "runs", "tiles"]
+    objects = pyogrio.read_dataframe(out, layer="objects")
+    assert CRS.from_user_input(objects.crs) == CRS.from_user_input(crs)
+    _check_objects(objects, RECTS, UTM)
+    areas = sorted(objects["area_m2"])
+    assert areas == pytest.approx(sorted(r.area_px * 0.25 for r in RECTS))
+    perim = objects.loc[objects["phrase"] == "red roofs", "perimeter_m"]
+    assert sorted(perim) == pytest.approx(sorted(2 * 0.5 * ((r.x1 - r.x0) + (r.y1 - r.y0))
+                                                 for r in RECTS if r.colour == "red"))
+    assert set(objects["category"]) == {"red roof", "storage tank"}
+    assert (objects["score"] > 0).all() and objects["object_id"].tolist() == list(range(1, len(RECTS) + 1))
+    tiles = pyogrio.read_dataframe(out, layer="tiles")
+    assert len(tiles) == 9 and set(tiles["status"]) == {"done"}
+    assert tiles["n_objects"].sum() == len(RECTS)
+    assert not tiles["caption"].str.contains(r"<p>|\[SEG\]").any()
+    assert tiles.loc[0, "caption"].startswith("The image shows")
+    assert all(n <= 2 for n in model.calls) and sum(model.calls) == 9
+    runs = pyogrio.read_dataframe(out, layer="runs")
+    assert runs.loc[0, "command"] == "describe" and '"tile_size": 200' in runs.loc[0, "options"]
+
+
+def test_geographic_scene_areas_in_square_metres(tmp_path):
+    res = 5e-6  # degrees, ~0.55 m x 0.39 m at 45 N
+    t = Affine(res, 0, 10.0, 0, -res, 45.0)
+    scene = make_scene(tmp_path / "geo.tif", crs="EPSG:4326", transform=t, rects=RECTS)
+    run(_config(scene, tmp_path / "geo.gpkg"), model=ScriptedModel())
+    objects = pyogrio.read_dataframe(tmp_path / "geo.gpkg", layer="objects")
+    _check_objects(objects, RECTS, t)
+    lat = math.radians(45.0)
+    m_per_deg_x = 111412.84 * math.cos(lat) - 93.5 * math.cos(3 * lat)
+    m_per_deg_y = 111132.92 - 559.82 * math.cos(2 * lat) + 1.175 * math.cos(4 * lat)
+    expected = sorted(r.area_px * res * res * m_per_deg_x * m_per_deg_y for r in RECTS)
+    assert sorted(objects["area_m2"]) == pytest.approx(expected, rel=2e-3)
+
+
+def test_band_selection_swaps_colours(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", bands=3, rects=RECTS)
+    run(_config(scene, tmp_path / "bgr.gpkg", bidx=(3, 2, 1)), model=ScriptedModel())
+    objects = pyogrio.read_dataframe(tmp_path / "bgr.gpkg", layer="objects")
+    swapped = tuple(Rect(r.x0, r.y0, r.x1, r.y1, "blue" if r.colour == "red" else "red") for r in RECTS)
+    _check_objects(objects, swapped, UTM)
+
+
+def test_single_band_scene_is_grey(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", bands=1, rects=RECTS)
+    run(_config(scene, tmp_path / "o.gpkg"), model=ScriptedModel())
+    assert len(pyogrio.read_dataframe(tmp_path / "o.gpkg", layer="objects")) == 0
+    assert pyogrio.read_info(tmp_path / "o.gpkg", layer="objects")["crs"] == "EPSG:32633"
+
+
+def test_mostly_nodata_tiles_skipped_and_predictions_erased(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", nodata=0, border=12, rects=RECTS)
+    with rasterio.open(scene, "r+") as ds:  # right part nodata: the last tile column is ~95 % nodata
+        data = ds.read()
+        data[:, :, 327:] = 0
+        ds.write(data)
+    model = ScriptedModel()
+    run(_config(scene, tmp_path / "seg.gpkg", command="segment", expression="red roofs", model="x"), model=model)
+    tiles = pyogrio.read_dataframe(tmp_path / "seg.gpkg", layer="tiles")
+    assert (tiles.loc[tiles["col"] == 2, "status"] == "skipped_nodata").all()
+    assert (tiles.loc[tiles["col"] < 2, "status"] == "done").all()
+    assert sum(model.calls) == 6
+    objects = pyogrio.read_dataframe(tmp_path / "seg.gpkg", layer="objects")
+    # the scripted false positive sits in each tile's top-left 3x3 pixels: on nodata for tiles in row/col 0
+    fps = objects[objects["score"] < 0.5]
+    assert len(fps) == 2  # only tiles (row 1, col 1) and (row 2, col 1) have their corner on valid data
+    valid_box = _crs_box(Rect(12, 12, 327, 421), UTM)
+    assert objects.geometry.within(valid_box.buffer(1e-6)).all()
+
+
+def test_segment_scores_top_k_and_order(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / "seg.gpkg"
+    run(_config(scene, out, command="segment", expression="red roofs"), model=ScriptedModel())
+    objects = pyogrio.read_dataframe(out, layer="objects")
+    assert len(objects) == 3 + 9  # three red objects, one weak false positive per tile
+    assert list(objects["score"]) == sorted(objects["score"], reverse=True)
+    run(_config(scene, out, command="segment", expression="red roofs", top_k=3, overwrite=True),
+        model=ScriptedModel())
+    top = pyogrio.read_dataframe(out, layer="objects")
+    _check_objects(top, tuple(r for r in RECTS if r.colour == "red"), UTM)
+    assert (top["phrase"] == "red roofs").all() and top["score"].tolist() == pytest.approx([0.9] * 3)
+
+
+@pytest.mark.parametrize("ext", [".geojson", ".fgb", ".parquet", ".shp"])
+def test_formats(tmp_path, ext):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / f"out{ext}"
+    summary = run(_config(scene, out), model=ScriptedModel())
+    assert summary.files[-1] == out
+    assert (tmp_path / f"out_tiles{ext}").exists() and (tmp_path / "out_runs.json").exists()
+    if ext == ".parquet":
+        import geopandas as gpd
+
+        objects = gpd.read_parquet(out)
+    else:
+        objects = pyogrio.read_dataframe(out)
+    if ext == ".geojson":
+        assert CRS.from_user_input(objects.crs).to_epsg() == 4326
+        objects = objects.to_crs(32633)
+        tol = 1e-3
+    else:
+        assert CRS.from_user_input(objects.crs).to_epsg() == 32633
+        tol = 1e-6
+    assert len(objects) == len(RECTS)
+    for rect in RECTS:
+        target = _crs_box(rect, UTM)
+        assert min(g.symmetric_difference(target).area for g in objects.geometry) <= tol * target.area + tol
+    if ext == ".shp":
+        assert "perim_m" in objects.columns and all(len(c) <= 10 for c in objects.columns)
+
+
+def test_existing_output_refused_and_nothing_written(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / "out.gpkg"
+    out.write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        run(_config(scene, out), model=ScriptedModel())
+    assert out.read_text() == "keep me"
+    run(_config(scene, out, overwrite=True), model=ScriptedModel())
+    assert len(pyogrio.read_dataframe(out, layer="objects")) == len(RECTS)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_resume_gives_the_same_layers(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    full = tmp_path / "full.gpkg"
+    run(_config(scene, full, batch_size=1), model=ScriptedModel())
+    out = tmp_path / "resumed.gpkg"
+    with pytest.raises(UserError, match="--resume"):
+        run(_config(scene, out, batch_size=1), model=ScriptedModel(fail_after=4))
+    assert not out.exists() and journal_path(out).exists()
+    second = ScriptedModel()
+    summary = run(_config(scene, out, batch_size=1, resume=True), model=second)
+    assert summary.n_resumed == 4 and sum(second.calls) == 5
+    assert not journal_path(out).exists()
+    for layer in ("objects", "tiles"):
+        a = pyogrio.read_dataframe(full, layer=layer)
+        b = pyogrio.read_dataframe(out, layer=layer)
+        assert a.drop(columns="geometry").equals(b.drop(columns="geometry"))
+        assert all(x.equals_exact(y, 0) for x, y in zip(a.geometry, b.geometry, strict=True))
+
+
+def test_resume_refuses_changed_options(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / "o.gpkg"
+    with pytest.raises(UserError):
+        run(_config(scene, out), model=ScriptedModel(fail_after=1))
+    with pytest.raises(UserError, match="different options.*overlap"):
+        run(_config(scene, out, overlap=60, resume=True), model=ScriptedModel())
+
+
+def test_mask_raster_and_preview(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out, ids, png = tmp_path / "o.gpkg", tmp_path / "ids.tif", tmp_path / "quick.png"
+    summary = run(_config(scene, out, mask_raster=ids, preview=png), model=ScriptedModel())
+    assert summary.files[-2:] == [ids, png]
+    objects = pyogrio.read_dataframe(out, layer="objects")
+    with rasterio.open(ids) as ds, rasterio.open(scene) as src:
+        assert ds.dtypes[0] == "uint32" and ds.transform == src.transform and ds.crs == src.crs
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        arr = ds.read(1)
+    for rect in RECTS:
+        values = np.unique(arr[rect.y0 : rect.y1, rect.x0 : rect.x1])
+        assert len(values) == 1 and values[0] > 0
+        hit = objects[objects["object_id"] == values[0]]
+        assert hit.geometry.iloc[0].contains(_crs_box(rect, UTM).centroid)
+    assert (arr > 0).sum() == sum(r.area_px for r in RECTS)
+    from PIL import Image
+
+    assert Image.open(png).size == (517, 433)
+
+
+def test_no_crs_scene_uses_pixel_coordinates(tmp_path, caplog):
+    scene = make_scene(tmp_path / "s.tif", crs=None, transform=Affine.identity(), rects=RECTS)
+    with caplog.at_level(logging.WARNING, logger="geopixel_cli"):
+        run(_config(scene, tmp_path / "o.gpkg"), model=ScriptedModel())
+    assert "no CRS" in caplog.text
+    objects = pyogrio.read_dataframe(tmp_path / "o.gpkg", layer="objects")
+    assert objects.crs is None
+    _check_objects(objects, RECTS, Affine.identity())
+    assert objects["area_m2"].isna().all()
