@@ -20,14 +20,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from geopixel_cli.errors import UserError
 from geopixel_cli.train.rasterize import polygons_to_mask, rle_to_mask
 
 SEG = "[SEG]"
 USER_ROLES = ("human", "user")
 
 
-class TrainDataError(Exception):
-    """A training dataset is unusable; the message names the file and the record."""
+class TrainDataError(UserError):
+    """A training dataset is unusable; the message names the file and the record.
+
+    A :class:`~geopixel_cli.errors.UserError` (hence an ``Exception``): the CLI prints it as one line.
+    """
 
 
 @dataclass(frozen=True)
