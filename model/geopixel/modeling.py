@@ -392,6 +392,6 @@ def load_image(image: ImageInput) -> np.ndarray:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
         return image
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
     with Image.open(image) as pil:
-        return np.asarray(pil.convert("RGB"))
+        return np.array(pil.convert("RGB"))

@@ -1,0 +1,149 @@
+"""End-to-end parity of GeoPixel (loaded from the golden checkpoint dir) with the reference outputs.
+
+Tolerances follow the golden README §6: fp32 LLM/vision tensors and logits 1e-4; token ids, layouts,
+decoded text and the multimask choice exactly; final mask logits (stored as fp16, behind a bf16 cast of
+the SAM image embedding) atol 5e-2 with positive-pixel fractions to 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from geopixel import GeoPixel, GeoPixelResult
+from geopixel.modeling import load_image
+from geopixel.tokenizer import GCG_QUERY, RES_ANSWER, RRSIS_TEMPLATE
+from safetensors.torch import load_file
+
+CASES = ["gcg_img_800x800_hd9", "gcg_img_1000x600_hd4", "rrsis_img_800x800_hd9", "rrsis_img_1000x600_hd4"]
+
+
+@pytest.fixture(scope="module")
+def model(golden_dir: Path) -> GeoPixel:
+    return GeoPixel.from_pretrained(golden_dir, device="cpu", dtype="fp32")
+
+
+def _case(golden_dir: Path, kind: str, case: str) -> tuple[dict, dict[str, torch.Tensor], np.ndarray]:
+    meta = json.loads((golden_dir / f"{kind}_{case}.json").read_text())
+    return meta, load_file(golden_dir / f"{kind}_{case}.safetensors"), load_image(golden_dir / meta["image"])
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> float:
+    err = (ours.float() - ref.float()).abs().max().item()
+    torch.testing.assert_close(ours.float(), ref.float(), atol=atol, rtol=rtol)
+    return err
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chat_golden_prompt_logits_and_greedy_answer(model: GeoPixel, golden_dir: Path, case: str) -> None:
+    meta, gold, image = _case(golden_dir, "chat", case)
+    hd = meta["hd_num"]
+    with torch.inference_mode():
+        prompt = model.build_prompts([image], [meta["query"]], hd_num=hd, max_new_tokens=16)[0]
+        hidden = model.llm(prompt.embeds[None], im_mask=prompt.im_mask[None])[0]  # (L, C)
+        logits = model.llm.logits(hidden[-1])
+    assert prompt.layout == gold["input_ids_layout"].tolist()
+    assert torch.equal(prompt.im_mask, gold["im_mask"].bool())
+    _close(prompt.embeds, gold["inputs_embeds"])
+    _close(hidden, gold["hidden_last_layer"])
+    _close(logits, gold["logits_last"])
+
+    gen = meta["generation"]
+    if case.startswith("gcg"):
+        assert meta["query"] == GCG_QUERY
+        result = model.describe(image, hd_num=hd, max_new_tokens=16)
+    else:
+        assert meta["query"] == RRSIS_TEMPLATE.format("red car")
+        result = model.segment(image, "red car", hd_num=hd, max_new_tokens=16)
+    assert result.token_ids == gen["new_token_ids"]
+    assert result.text == gen["evaluate_response"]
+    assert result.masks.shape == (0, *image.shape[:2]) and result.phrases == []  # no [SEG] generated
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_teacher_forced_golden_seg_embeddings_and_masks(model: GeoPixel, golden_dir: Path, case: str) -> None:
+    meta, gold, image = _case(golden_dir, "tf", case)
+    forced = gold["forced_token_ids"][None]  # (1, N) the reference's forced answer, ending with </s>
+    result = model._run(
+        [image], [meta["query"]], hd_num=meta["hd_num"], max_new_tokens=forced.shape[1],
+        forced_token_ids=forced, keep_mask_logits=True,
+    )[0]
+    assert result.token_ids == gold["forced_token_ids"].tolist()
+    assert result.text == meta["evaluate_response"]
+    _close(torch.from_numpy(result.seg_hidden), gold["seg_hidden"])
+    selected_iou = np.array(meta["dynamic_multimask"]["selected_iou"])[:, 0]
+    np.testing.assert_allclose(result.scores, selected_iou, atol=1e-4)
+    assert result.mask_logits is not None
+    logits = torch.from_numpy(result.mask_logits)
+    if "pred_masks" in gold:
+        _close(logits, gold["pred_masks"], atol=5e-2, rtol=0)
+    else:  # gcg/1000x600 stores rows 0, 100, 250 and H-1 only
+        _close(logits[:, [0, 100, 250, -1]], gold["pred_masks_rows_0_100_250_end"], atol=5e-2, rtol=0)
+    assert np.array_equal(result.masks, result.mask_logits > 0)
+    np.testing.assert_allclose(result.masks.mean((1, 2)), meta["pred_masks_positive_fraction"], atol=1e-3)
+    assert [p.mask_index for p in result.phrases] == list(range(len(result.phrases)))
+    if case.startswith("gcg"):
+        assert [p.text for p in result.phrases] == ["a red car", "a white building", "green trees"]
+        assert all(result.text[p.start : p.end] == p.text for p in result.phrases)
+
+
+def _forced_answer(model: GeoPixel, n: int) -> torch.Tensor:
+    assert model.tokenizer is not None
+    ids = model.tokenizer.answer_ids(RES_ANSWER)  # Sure, it is [SEG].[UNUSED_TOKEN_145]\n</s>
+    return torch.tensor([ids] * n)
+
+
+def test_batch_of_three_images_equals_three_single_runs(model: GeoPixel, golden_dir: Path) -> None:
+    names = ["img_800x800.png", "img_1000x600.png", "img_600x1400.png"]
+    images = [load_image(golden_dir / "images" / n) for n in names]
+    queries = [RRSIS_TEMPLATE.format(e) for e in ("red car", "the white building", "trees")]
+    forced = _forced_answer(model, 3)
+    kw = {"hd_num": 1, "max_new_tokens": forced.shape[1], "keep_mask_logits": True}
+    batch = model._run(images, queries, forced_token_ids=forced, **kw)
+    for b, (image, query) in enumerate(zip(images, queries, strict=True)):
+        single = model._run([image], [query], forced_token_ids=forced[b : b + 1], **kw)[0]
+        _check_same(batch[b], single, image.shape[:2])
+    greedy = model.describe_batch(images, hd_num=1, max_new_tokens=6)
+    for image, result in zip(images, greedy, strict=True):
+        assert result.token_ids == model.describe(image, hd_num=1, max_new_tokens=6).token_ids
+
+
+def _check_same(ours: GeoPixelResult, ref: GeoPixelResult, hw: tuple[int, int]) -> None:
+    assert ours.token_ids == ref.token_ids and ours.text == ref.text
+    assert ours.masks.shape == ref.masks.shape == (1, *hw) and ours.masks.dtype == np.bool_
+    _close(torch.from_numpy(ours.seg_hidden), torch.from_numpy(ref.seg_hidden))
+    np.testing.assert_allclose(ours.scores, ref.scores, atol=1e-3)
+    assert ours.mask_logits is not None and ref.mask_logits is not None
+    np.testing.assert_allclose(ours.mask_logits, ref.mask_logits, atol=5e-2)
+    assert (ours.masks != ref.masks).mean() < 1e-3
+
+
+def test_results_are_well_formed_for_arrays_and_paths(model: GeoPixel, golden_dir: Path) -> None:
+    path = golden_dir / "images" / "img_1000x600.png"
+    forced = _forced_answer(model, 1)
+    result = model._run([str(path)], [RRSIS_TEMPLATE.format("red car")], hd_num=1,
+                        max_new_tokens=forced.shape[1], forced_token_ids=forced)[0]
+    assert result.text == "Sure, it is [SEG] .\n"  # 4.33 decode: spaces around added tokens
+    assert result.masks.shape == (1, 600, 1000) and result.masks.dtype == np.bool_
+    assert result.scores.shape == (1,) and result.scores.dtype == np.float32
+    assert result.seg_hidden.shape == (1, model.config.llm.hidden_size)
+    assert result.phrases == [] and result.mask_logits is None
+    pieces: list[str] = []
+    streamed = model.describe(load_image(path), hd_num=1, max_new_tokens=5, stream=pieces.append)
+    assert "".join(pieces) == streamed.text and len(streamed.token_ids) == 5
+
+
+def test_context_limit_downscales_large_images_and_refuses_impossible_prompts(model: GeoPixel) -> None:
+    limit = model.config.llm.max_length
+    big = np.zeros((3000, 4000, 3), np.uint8)  # the reference's 6x7 grid = 17341 image tokens > 16384
+    grid = model._fit_grid(big, 9, reserved=1 + 40 + 1024)
+    assert grid.downscaled and grid.num_tiles < 42
+    assert (grid.num_tiles + 1) * 400 + 1 + (grid.rows + 1) * 20 + 1 + 40 + 1024 <= limit
+    assert not model._fit_grid(np.zeros((800, 800, 3), np.uint8), 9, reserved=1065).downscaled
+    with pytest.raises(ValueError, match="context"):
+        model.describe(np.zeros((64, 64, 3), np.uint8), max_new_tokens=limit)
+    with pytest.raises(ValueError, match="uint8"):
+        model.describe(np.zeros((64, 64), np.uint8))
