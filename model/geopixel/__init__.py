@@ -6,9 +6,9 @@ Public API::
     model = GeoPixel.from_pretrained("MBZUAI/GeoPixel-7B", device="cuda", dtype="bf16")
     result = model.describe("tile.png")
 
-Importing this package is cheap and side-effect free: the network modules (torch, transformers)
-are imported on first use of a name below, and nothing touches the network until a hub id is
-passed to :meth:`GeoPixel.from_pretrained`. No GIS library is ever imported here.
+Importing this package is side-effect free: it imports torch but not transformers (the CLIP and
+SAM-2 modules load on first use of ``GeoPixel``), nothing touches the network until a hub id is
+passed to :meth:`GeoPixel.from_pretrained`, and no GIS library is ever imported here.
 """
 
 from __future__ import annotations
@@ -16,23 +16,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# ``generate`` is bound eagerly: its submodule has the same name, and importing the submodule later
+# would otherwise make ``geopixel.generate`` the module instead of the function.
+from geopixel.checkpoint import load_checkpoint
+from geopixel.config import GeoPixelConfig
+from geopixel.generate import generate
+from geopixel.result import GeoPixelResult, Phrase
+
 if TYPE_CHECKING:
-    from geopixel.checkpoint import load_checkpoint
-    from geopixel.config import GeoPixelConfig
-    from geopixel.generate import generate
     from geopixel.modeling import GeoPixel
-    from geopixel.result import GeoPixelResult, Phrase
 
 __all__ = ["GeoPixel", "GeoPixelConfig", "GeoPixelResult", "Phrase", "generate", "load_checkpoint"]
 
-_SOURCES = {
-    "GeoPixel": "geopixel.modeling",
-    "GeoPixelConfig": "geopixel.config",
-    "GeoPixelResult": "geopixel.result",
-    "Phrase": "geopixel.result",
-    "generate": "geopixel.generate",
-    "load_checkpoint": "geopixel.checkpoint",
-}
+_SOURCES = {"GeoPixel": "geopixel.modeling"}
 
 
 def __getattr__(name: str) -> Any:
