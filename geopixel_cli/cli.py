@@ -48,7 +48,8 @@ def configure_logging(verbose: int, quiet: int) -> int:
     verbosity = verbose - quiet
     level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * verbosity))
     logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s: %(message)s", force=True)
-    logging.getLogger("rasterio").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
+    for noisy in ("rasterio", "pyogrio", "fiona"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
     if verbosity < 2:
         warnings.filterwarnings("ignore", module="rasterio")
         warnings.filterwarnings("ignore", message=".*[Gg]eoreferenc.*")

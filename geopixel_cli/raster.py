@@ -122,6 +122,18 @@ def default_bidx(count: int, requested: tuple[int, ...] | None) -> tuple[int, ..
     return (1, 2, 3) if count >= 3 else (1, 1, 1)
 
 
+def gdal_message(exc: BaseException) -> str:
+    """The most specific first line in an exception chain (rasterio wraps GDAL's own message)."""
+    lines: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(lines) < 8:
+        text = str(current).strip()
+        if text and "see previous exception" not in text.lower():
+            lines.append(text.splitlines()[0])
+        current = current.__cause__ or current.__context__
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _open(path: str) -> Any:
     import rasterio
     from rasterio.errors import RasterioIOError
@@ -131,7 +143,7 @@ def _open(path: str) -> Any:
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
-        raise UserError(f"cannot open {path} as a raster: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot open {path} as a raster: {gdal_message(exc)}") from exc
 
 
 def _check_header(ds: Any, path: str) -> None:
@@ -211,9 +223,7 @@ def open_scene(path: str, *, bidx: tuple[int, ...] | None = None) -> SceneInfo:
         try:
             data, valid = decimated_read(ds, bands)
         except RasterioIOError as exc:
-            raise UserError(
-                f"cannot read {path} (truncated or corrupt?): {str(exc).splitlines()[0]}"
-            ) from exc
+            raise UserError(f"cannot read {path} (truncated or corrupt?): {gdal_message(exc)}") from exc
         if not valid.any():
             raise UserError(f"{path} has no valid pixel: every pixel is nodata")
         t = ds.transform
@@ -266,14 +276,20 @@ class SceneReader:
         Returns:
             The tile's RGB and valid mask.
         """
+        from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
         if self._ds is None:
             self._ds = _open(self.info.path)
         w = Window(window.col_off, window.row_off, window.width, window.height)
         bands = list(self.info.bidx)
-        data = self._ds.read(bands, window=w)  # (3, H, W)
-        valid = self._ds.read_masks(bands, window=w).min(axis=0) > 0
+        try:
+            data = self._ds.read(bands, window=w)  # (3, H, W)
+            valid = self._ds.read_masks(bands, window=w).min(axis=0) > 0
+        except RasterioIOError as exc:
+            raise UserError(
+                f"cannot read {self.info.path} at {window} (truncated or corrupt?): {gdal_message(exc)}"
+            ) from exc
         if data.dtype.kind == "f":
             valid &= np.isfinite(data).all(axis=0)
         stretch = self.info.stretch

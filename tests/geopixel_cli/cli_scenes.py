@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
-
 from geopixel.result import GeoPixelResult, Phrase
 
 RED = (220, 20, 20)
@@ -74,8 +73,18 @@ def make_scene(
         out[:, -border:, :] = nodata
     if transform is None:
         transform = Affine(0.5, 0, 500000.0, 0, -0.5, 5000000.0)
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": out.shape[0], "dtype": dtype,
-               "transform": transform, "nodata": nodata, "tiled": True, "blockxsize": 128, "blockysize": 128}
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": out.shape[0],
+        "dtype": dtype,
+        "transform": transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 128,
+        "blockysize": 128,
+    }
     if crs is not None:
         profile["crs"] = crs
     with rasterio.open(path, "w", **profile) as dst:
@@ -119,12 +128,17 @@ class ScriptedModel:
         results = []
         for image in images:
             red, blue = self._masks(image)
-            named = [(m, n, s) for m, n, s in ((red, "red roofs", self.red_score),
-                                                (blue, "a storage tank", self.blue_score)) if m.any()]
+            named = [
+                (m, n, s)
+                for m, n, s in ((red, "red roofs", self.red_score), (blue, "a storage tank", self.blue_score))
+                if m.any()
+            ]
             text, phrases = _text_with_phrases([n for _, n, _ in named])
             masks = np.stack([m for m, _, _ in named]) if named else np.zeros((0, *image.shape[:2]), bool)
             scores = np.asarray([s for _, _, s in named], np.float32)
-            results.append(GeoPixelResult(text=text, phrases=phrases, masks=masks, scores=scores, token_ids=[]))
+            results.append(
+                GeoPixelResult(text=text, phrases=phrases, masks=masks, scores=scores, token_ids=[])
+            )
         return results
 
     def segment_batch(self, images, expression, *, hd_num=9, max_new_tokens=64):
@@ -137,6 +151,7 @@ class ScriptedModel:
             fp[:3, :3] = True
             masks = np.stack([red, fp])
             scores = np.asarray([self.red_score, 0.05], np.float32)
-            results.append(GeoPixelResult(text="Sure, [SEG].", phrases=[], masks=masks, scores=scores,
-                                          token_ids=[]))
+            results.append(
+                GeoPixelResult(text="Sure, [SEG].", phrases=[], masks=masks, scores=scores, token_ids=[])
+            )
         return results

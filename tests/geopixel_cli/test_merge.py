@@ -24,12 +24,15 @@ def _assert_same(objects, rects):
     assert len(objects) == len(rects)
     for rect in rects:
         target = box(*rect)
-        matches = [o for o in objects if o.geometry.intersects(target) and o.geometry.intersection(target).area > 0]
+        matches = [
+            o for o in objects if o.geometry.intersects(target) and o.geometry.intersection(target).area > 0
+        ]
         assert len(matches) == 1, rect
         assert matches[0].geometry.symmetric_difference(target).area == pytest.approx(0.0)
 
 
-# 517 x 433, tile 200, overlap 40: windows start at 0/160/317 (x) and 0/160/233 (y); cores cut at 180, 338 / 180, 296.
+# 517 x 433, tile 200, overlap 40: windows start at 0/160/317 (x) and 0/160/233 (y);
+# cores cut at x 180, 338 and y 180, 296.
 TILES = grid(517, 433, tile_size=200, overlap=40)
 CASES = {
     "cut by a window edge": [(150, 50, 230, 90)],
@@ -111,9 +114,16 @@ def test_mask_polygons_scene_coordinates_and_holes():
     assert len(polys[0].interiors) == 1
 
 
-@pytest.mark.parametrize("phrase,category", [
-    ("two white cars", "small vehicle"), ("a storage tank", "storage tank"), ("Storage Tanks", "storage tank"),
-    ("the red roofs", "red roof"), ("a large harbour", "harbor"), ("", "object"),
-])
+@pytest.mark.parametrize(
+    "phrase,category",
+    [
+        ("two white cars", "small vehicle"),
+        ("a storage tank", "storage tank"),
+        ("Storage Tanks", "storage tank"),
+        ("the red roofs", "red roof"),
+        ("a large harbour", "harbor"),
+        ("", "object"),
+    ],
+)
 def test_category_of(phrase, category):
     assert category_of(phrase) == category

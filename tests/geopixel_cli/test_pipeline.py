@@ -28,8 +28,16 @@ UTM = Affine(0.5, 0, 500000.0, 0, -0.5, 5000000.0)
 
 
 def _config(scene, out, **kw):
-    base = dict(command="describe", scene=str(scene), output=Path(out), model="scripted", tile_size=200,
-                overlap=40, batch_size=2, progress=False)
+    base = dict(
+        command="describe",
+        scene=str(scene),
+        output=Path(out),
+        model="scripted",
+        tile_size=200,
+        overlap=40,
+        batch_size=2,
+        progress=False,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -51,14 +59,18 @@ def _check_objects(objects, rects, transform):
         assert hits["phrase"].iloc[0] == ("red roofs" if rect.colour == "red" else "a storage tank")
 
 
-@pytest.mark.parametrize("crs,dtype,bands,nodata,border", [
-    ("EPSG:32633", "uint8", 3, None, 0),
-    ("EPSG:32733", "uint16", 3, 0, 12),
-    ("EPSG:32633", "uint8", 4, 0, 12),
-])
+@pytest.mark.parametrize(
+    "crs,dtype,bands,nodata,border",
+    [
+        ("EPSG:32633", "uint8", 3, None, 0),
+        ("EPSG:32733", "uint16", 3, 0, 12),
+        ("EPSG:32633", "uint8", 4, 0, 12),
+    ],
+)
 def test_describe_projected_scene_to_gpkg(tmp_path, crs, dtype, bands, nodata, border):
-    scene = make_scene(tmp_path / "scene.tif", crs=crs, dtype=dtype, bands=bands, nodata=nodata, border=border,
-                       rects=RECTS)
+    scene = make_scene(
+        tmp_path / "scene.tif", crs=crs, dtype=dtype, bands=bands, nodata=nodata, border=border, rects=RECTS
+    )
     model = ScriptedModel()
     summary = run(_config(scene, tmp_path / "out.gpkg"), model=model)
     out = tmp_path / "out.gpkg"
@@ -71,8 +83,9 @@ def test_describe_projected_scene_to_gpkg(tmp_path, crs, dtype, bands, nodata, b
     areas = sorted(objects["area_m2"])
     assert areas == pytest.approx(sorted(r.area_px * 0.25 for r in RECTS))
     perim = objects.loc[objects["phrase"] == "red roofs", "perimeter_m"]
-    assert sorted(perim) == pytest.approx(sorted(2 * 0.5 * ((r.x1 - r.x0) + (r.y1 - r.y0))
-                                                 for r in RECTS if r.colour == "red"))
+    assert sorted(perim) == pytest.approx(
+        sorted(2 * 0.5 * ((r.x1 - r.x0) + (r.y1 - r.y0)) for r in RECTS if r.colour == "red")
+    )
     assert set(objects["category"]) == {"red roof", "storage tank"}
     assert (objects["score"] > 0).all() and objects["object_id"].tolist() == list(range(1, len(RECTS) + 1))
     tiles = pyogrio.read_dataframe(out, layer="tiles")
@@ -121,7 +134,10 @@ def test_mostly_nodata_tiles_skipped_and_predictions_erased(tmp_path):
         data[:, :, 327:] = 0
         ds.write(data)
     model = ScriptedModel()
-    run(_config(scene, tmp_path / "seg.gpkg", command="segment", expression="red roofs", model="x"), model=model)
+    run(
+        _config(scene, tmp_path / "seg.gpkg", command="segment", expression="red roofs", model="x"),
+        model=model,
+    )
     tiles = pyogrio.read_dataframe(tmp_path / "seg.gpkg", layer="tiles")
     assert (tiles.loc[tiles["col"] == 2, "status"] == "skipped_nodata").all()
     assert (tiles.loc[tiles["col"] < 2, "status"] == "done").all()
@@ -141,8 +157,10 @@ def test_segment_scores_top_k_and_order(tmp_path):
     objects = pyogrio.read_dataframe(out, layer="objects")
     assert len(objects) == 3 + 9  # three red objects, one weak false positive per tile
     assert list(objects["score"]) == sorted(objects["score"], reverse=True)
-    run(_config(scene, out, command="segment", expression="red roofs", top_k=3, overwrite=True),
-        model=ScriptedModel())
+    run(
+        _config(scene, out, command="segment", expression="red roofs", top_k=3, overwrite=True),
+        model=ScriptedModel(),
+    )
     top = pyogrio.read_dataframe(out, layer="objects")
     _check_objects(top, tuple(r for r in RECTS if r.colour == "red"), UTM)
     assert (top["phrase"] == "red roofs").all() and top["score"].tolist() == pytest.approx([0.9] * 3)

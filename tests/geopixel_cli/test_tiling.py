@@ -9,8 +9,19 @@ from geopixel_cli.tiling import PixelWindow, axis_spans, grid, grid_shape, tile_
 
 def _cases():
     rng = random.Random(1234)
-    fixed = [(800, 800, 100), (799, 800, 100), (801, 800, 100), (1500, 800, 100), (517, 200, 40), (433, 200, 40),
-             (1, 800, 0), (10, 32, 16), (2000, 800, 0), (1600, 800, 400), (20000, 800, 100)]
+    fixed = [
+        (800, 800, 100),
+        (799, 800, 100),
+        (801, 800, 100),
+        (1500, 800, 100),
+        (517, 200, 40),
+        (433, 200, 40),
+        (1, 800, 0),
+        (10, 32, 16),
+        (2000, 800, 0),
+        (1600, 800, 400),
+        (20000, 800, 100),
+    ]
     rand = []
     for _ in range(300):
         tile = rng.randint(1, 300)
@@ -48,7 +59,9 @@ def test_tile_count_formula():
     assert tile_count(100, 800, 700) == 1
 
 
-@pytest.mark.parametrize("width,height,tile,overlap", [(517, 433, 200, 40), (100, 50, 800, 100), (1601, 799, 400, 0)])
+@pytest.mark.parametrize(
+    "width,height,tile,overlap", [(517, 433, 200, 40), (100, 50, 800, 100), (1601, 799, 400, 0)]
+)
 def test_grid_covers_scene_and_cores_partition_it(width, height, tile, overlap):
     tiles = grid(width, height, tile_size=tile, overlap=overlap)
     rows, cols = grid_shape(width, height, tile_size=tile, overlap=overlap)
@@ -81,5 +94,8 @@ def test_invalid_grid_raises(size, tile, overlap):
 
 def test_grid_is_pure():
     assert grid(999, 777, tile_size=300, overlap=50) == grid(999, 777, tile_size=300, overlap=50)
-    assert all(isinstance(v, int) for t in grid(999, 777, tile_size=300, overlap=50)
-               for v in itertools.chain(t.window.bounds, t.core.bounds))
+    assert all(
+        isinstance(v, int)
+        for t in grid(999, 777, tile_size=300, overlap=50)
+        for v in itertools.chain(t.window.bounds, t.core.bounds)
+    )
