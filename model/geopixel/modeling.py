@@ -34,6 +34,8 @@ from geopixel.tokenizer import GCG_QUERY, RRSIS_TEMPLATE, GeoPixelTokenizer, par
 from geopixel.vision import VisionTower
 
 ImageInput = np.ndarray | str | Path | Image.Image
+CLIP_BATCH = 32  # crops per CLIP call: bounds activation memory for large batches of images
+SAM_BATCH = 4  # images per SAM-2 encoder call
 logger = logging.getLogger(__name__)
 
 
@@ -268,7 +270,8 @@ class GeoPixel(nn.Module):
             crops_for_clip(normalize_clip(apply_grid(im, g)), g, tile=tile)
             for im, g in zip(images, grids, strict=True)
         ]
-        image_embeds = self.vision(torch.cat(crops).to(self.device), [(g.rows, g.cols) for g in grids])
+        grid_shapes = [(g.rows, g.cols) for g in grids]
+        image_embeds = self.vision(torch.cat(crops).to(self.device), grid_shapes, batch_size=CLIP_BATCH)
         embed = self.llm.tok_embeddings
         out = []
         for img, ids, grid in zip(image_embeds, text_ids, grids, strict=True):
@@ -283,7 +286,8 @@ class GeoPixel(nn.Module):
     def ground(self, images: Sequence[np.ndarray], seg_hidden: Sequence[Tensor]) -> list[MaskOutput | None]:
         """SAM-2 masks for the ``[SEG]`` hidden states of each image (None where there are none).
 
-        The images that have at least one ``[SEG]`` go through the SAM-2 encoder in one batch.
+        Only the images that have at least one ``[SEG]`` go through the SAM-2 encoder, batched
+        ``SAM_BATCH`` at a time.
 
         Args:
             images: (H, W, 3) uint8 RGB arrays.
@@ -294,13 +298,13 @@ class GeoPixel(nn.Module):
         """
         todo = [b for b, h in enumerate(seg_hidden) if h.shape[0] > 0]
         out: list[MaskOutput | None] = [None] * len(images)
-        if not todo:
-            return out
-        pixels = self.grounding.preprocess([images[b] for b in todo], device=self.device)
-        features = self.grounding.encode_images(pixels)
-        for j, b in enumerate(todo):
-            prompts = self.grounding.project_seg(seg_hidden[b].to(self.dtype))  # (n, out_dim)
-            out[b] = self.grounding.decode_masks(features, prompts, orig_hw=images[b].shape[:2], index=j)
+        for start in range(0, len(todo), SAM_BATCH):
+            chunk = todo[start : start + SAM_BATCH]
+            pixels = self.grounding.preprocess([images[b] for b in chunk], device=self.device)
+            features = self.grounding.encode_images(pixels)  # image_embed (n, d, 64, 64)
+            for j, b in enumerate(chunk):
+                prompts = self.grounding.project_seg(seg_hidden[b].to(self.dtype))  # (n_seg, out_dim)
+                out[b] = self.grounding.decode_masks(features, prompts, orig_hw=images[b].shape[:2], index=j)
         return out
 
     # ---- helpers ----------------------------------------------------------------------------
