@@ -151,7 +151,11 @@ def _run_meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[f
     try:
         score, scores = scorer.compute_score(gts, res)
     except (BrokenPipeError, ValueError) as exc:
-        err = scorer.meteor_p.stderr.read1(4000).decode(errors="replace") if scorer.meteor_p.stderr else ""
+        proc = scorer.meteor_p
+        proc.kill()
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""  # EOF: the JVM is gone
+        if scorer.lock.locked():  # compute_score has no try/finally; its __del__ would block on the lock
+            scorer.lock.release()
         close_meteor()
         raise EvalError(f"METEOR failed: {exc} {err.strip()[:500]}") from exc
     return float(score), [float(s) for s in scores]

@@ -159,6 +159,8 @@ def read_coco_pair(mask_file: Path, caption_file: Path) -> list[GcgImage]:
         record = _gt_record(image_id, sizes[image_id], caps[image_id], anns_by_image.get(image_id, []))
         record.image_path = _find_image(folder, str(im.get("file_name") or f"{image_id}.png"))
         images.append(record)
+    if not images:
+        raise EvalError(f"{caption_file.name}: no images")
     extra = set(sizes) - {im.image_id for im in images}
     if extra:
         raise EvalError(f"{mask_file.name}: images not in {caption_file.name}: {sorted(extra)[:5]}")
