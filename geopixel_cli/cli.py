@@ -280,7 +280,7 @@ def _print_info(summary: dict[str, Any]) -> None:
         f"tile grid:   {grid['rows']} x {grid['cols']} = {grid['tiles']} tiles of {grid['tile_size']} px, "
         f"overlap {grid['overlap']} px",
         f"work:        up to {work['model_calls_max']} model calls at batch size {work['batch_size']} "
-        f"(tiles under {work['min_valid']:.0%} valid are skipped)",
+        f"(tiles under {work['min_valid']:.0%} valid are skipped: about {work['tiles_skipped_estimate']})",
     ]
     typer.echo("\n".join(lines))
 

@@ -28,6 +28,16 @@ def scene_summary(
     tiles = grid(info.width, info.height, tile_size=tile_size, overlap=overlap)
     crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
     n_rows = max(t.row for t in tiles) + 1
+    preview = info.valid_preview
+    sy, sx = preview.shape[0] / info.height, preview.shape[1] / info.width
+    skipped = 0
+    for t in tiles:  # estimate from the decimated mask; the run decides on full-resolution pixels
+        x0, y0, x1, y1 = t.window.bounds
+        cut = preview[
+            int(y0 * sy) : max(int(y1 * sy), int(y0 * sy) + 1),
+            int(x0 * sx) : max(int(x1 * sx), int(x0 * sx) + 1),
+        ]
+        skipped += bool(cut.mean() < min_valid)
     return {
         "path": info.path,
         "width": info.width,
@@ -52,7 +62,8 @@ def scene_summary(
             "tiles": len(tiles),
         },
         "work": {
-            "model_calls_max": -(-len(tiles) // batch_size),
+            "model_calls_max": -(-(len(tiles) - skipped) // batch_size),
+            "tiles_skipped_estimate": skipped,
             "batch_size": batch_size,
             "min_valid": min_valid,
         },

@@ -7,7 +7,7 @@ not thread-safe, so every reader thread opens its own :class:`SceneReader`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class SceneInfo:
         nodata: The nodata value of the first selected band, or None.
         stretch: The scene-level stretch, or None for uint8 scenes (used as is).
         valid_fraction: Fraction of valid pixels estimated from the decimated read.
+        valid_preview: (h, w) bool valid mask of the decimated read (at most 1024 px a side).
     """
 
     path: str
@@ -70,6 +71,9 @@ class SceneInfo:
     nodata: float | None
     stretch: Stretch | None
     valid_fraction: float
+    valid_preview: np.ndarray = field(
+        default_factory=lambda: np.ones((1, 1), bool), compare=False, repr=False
+    )
 
     @property
     def pixel_size(self) -> tuple[float, float]:
@@ -240,6 +244,7 @@ def open_scene(path: str, *, bidx: tuple[int, ...] | None = None) -> SceneInfo:
             nodata=None if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)) else nodata,
             stretch=None if ds.dtypes[0] == "uint8" else scene_stretch(data, valid),
             valid_fraction=float(valid.mean()),
+            valid_preview=valid,
         )
 
 

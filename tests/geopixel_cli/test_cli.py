@@ -84,6 +84,15 @@ def test_info_json(tmp_path):
     assert (info["width"], info["height"], info["dtype"], info["crs"]) == (517, 433, "uint16", "EPSG:32633")
     assert info["grid"] == {"tile_size": 200, "overlap": 40, "rows": 3, "cols": 3, "tiles": 9}
     assert info["stretch"] is not None and info["nodata"] == 0
+    assert info["work"]["tiles_skipped_estimate"] == 0
+    import rasterio
+
+    with rasterio.open(scene, "r+") as ds:  # the right 60 % becomes nodata: the last tile column is skipped
+        data = ds.read()
+        data[:, :, 200:] = 0
+        ds.write(data)
+    info = json.loads(_invoke(["info", scene, "--json", "--tile-size", "200", "--overlap", "40"]).stdout)
+    assert info["work"]["tiles_skipped_estimate"] == 3 and info["work"]["model_calls_max"] == 6
     text = _invoke(["info", scene])
     assert text.exit_code == 0 and "1 x 1 = 1 tiles of 800 px" in text.stdout
 
