@@ -57,11 +57,13 @@ class Georef:
     transform: tuple[float, float, float, float, float, float]
 
     def to_crs(self, geom: Any) -> Any:
-        """Map a scene-pixel geometry to CRS coordinates (identity without a CRS)."""
+        """Map a scene-pixel geometry through the geotransform.
+
+        Without a CRS the geotransform still applies (a world file's units); a scene without
+        any georeferencing has the identity transform, so its coordinates are pixels.
+        """
         from shapely.affinity import affine_transform
 
-        if self.crs_wkt is None:
-            return geom
         a, b, c, d, e, f = self.transform
         return affine_transform(geom, [a, b, d, e, c, f])
 

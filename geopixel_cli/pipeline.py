@@ -276,7 +276,9 @@ def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
     info = open_scene(config.scene, bidx=config.bidx)
     if info.crs_wkt is None:
         log.warning(
-            "%s has no CRS: coordinates are pixel (column, row) and areas are left empty", config.scene
+            "%s has no CRS: coordinates are in its geotransform's units (pixels when it has none), "
+            "areas and perimeters are left empty",
+            config.scene,
         )
     tiles = grid(info.width, info.height, tile_size=config.tile_size, overlap=config.overlap)
     journal = Journal(journal_path(config.output))

@@ -223,3 +223,44 @@ def test_end_to_end_with_tiny_checkpoint(tmp_path, monkeypatch, command):
     with rasterio.open(tmp_path / "ids.tif") as ds:
         ids = ds.read(1)
     assert ids.shape == (420, 500) and set(np.unique(ids)) <= set([0, *objects["object_id"]])
+
+
+def test_extra_commands_registered_absent_or_reported(monkeypatch):
+    import sys
+    import types
+
+    import typer
+
+    from geopixel_cli import cli
+
+    good = types.ModuleType("fake_eval_cmd")
+
+    def eval_command(x: int = 1) -> None:
+        """Fake eval."""
+        typer.echo(f"eval {x}")
+
+    good.eval_command = eval_command
+    monkeypatch.setitem(sys.modules, "fake_eval_cmd", good)
+    broken = types.ModuleType("broken_cmd")  # exists but lacks the attribute
+    monkeypatch.setitem(sys.modules, "broken_cmd", broken)
+    monkeypatch.setattr(
+        cli,
+        "EXTRA_COMMANDS",
+        (
+            ("eval", "fake_eval_cmd", "eval_command"),
+            ("train", "no_such_module_xyz", "train_command"),
+            ("data", "broken_cmd", "data_command"),
+        ),
+    )
+    target = typer.Typer()
+
+    @target.command()
+    def other() -> None:
+        """Other."""
+
+    cli._register_extra_commands(target)
+    names = [c.name for c in target.registered_commands]
+    assert names == [None, "eval", "data"]  # train absent: its module does not exist
+    assert runner.invoke(target, ["eval", "--x", "3"]).stdout.strip() == "eval 3"
+    bad = runner.invoke(target, ["data"])
+    assert bad.exit_code == 1 and "data command is unavailable" in bad.stderr

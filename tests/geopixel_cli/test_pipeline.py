@@ -264,3 +264,18 @@ def test_no_crs_scene_uses_pixel_coordinates(tmp_path, caplog):
     assert objects.crs is None
     _check_objects(objects, RECTS, Affine.identity())
     assert objects["area_m2"].isna().all()
+
+
+def test_png_with_world_file_and_no_crs(tmp_path, caplog):
+    from PIL import Image
+
+    tif = make_scene(tmp_path / "s.tif", rects=RECTS)
+    with rasterio.open(tif) as ds:
+        Image.fromarray(ds.read().transpose(1, 2, 0)).save(tmp_path / "photo.png")
+    # world file: pixel size 2, rotation 0, 0, -2, centre of the top-left pixel at (1001, 1999)
+    (tmp_path / "photo.pgw").write_text("2\n0\n0\n-2\n1001\n1999\n")
+    with caplog.at_level(logging.WARNING, logger="geopixel_cli"):
+        run(_config(tmp_path / "photo.png", tmp_path / "o.gpkg"), model=ScriptedModel())
+    assert "no CRS" in caplog.text
+    objects = pyogrio.read_dataframe(tmp_path / "o.gpkg", layer="objects")
+    _check_objects(objects, RECTS, Affine(2, 0, 1000, 0, -2, 2000))
