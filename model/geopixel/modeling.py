@@ -96,8 +96,9 @@ class GeoPixel(nn.Module):
         """
         root = resolve_checkpoint(path_or_id)
         config = GeoPixelConfig.from_dir(root)
-        with torch.device("meta"):
-            model = cls(config, tokenizer=GeoPixelTokenizer.from_dir(root))
+        tokenizer = GeoPixelTokenizer.from_dir(root)
+        with torch.device("meta"):  # no weight memory until the checkpoint tensors are assigned
+            model = cls(config, tokenizer=tokenizer)
         load_checkpoint(model, root, device=device, dtype=dtype)
         return model
 
