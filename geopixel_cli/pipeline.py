@@ -285,22 +285,24 @@ def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
     header = {"options": config.tile_options(), "started": _now()}
     records: dict[int, dict[str, Any]] = {}
     resuming = config.resume and journal.path.exists()
-    if resuming:
-        old, previous = journal.read()
+    if resuming:  # checks the options before the (slow) model load, then appends
+        old, previous = journal.resume(header)
         header["started"] = old.get("started", header["started"])
         records = {r["tile_id"]: r for r in previous}
+        log.info("resuming: %d of %d tiles already done", len(records), len(tiles))
     elif config.resume:
         log.warning("nothing to resume for %s: starting from the first tile", config.output)
     todo = [t for t in tiles if t.tile_id not in records]
-    net = (
-        model
-        if model is not None or not todo
-        else load_model(config.model, device=config.device, dtype=config.dtype)
-    )
-    if resuming:
-        journal.resume(header)
-        log.info("resuming: %d of %d tiles already done", len(records), len(tiles))
-    else:
+    try:
+        net = (
+            model
+            if model is not None or not todo
+            else load_model(config.model, device=config.device, dtype=config.dtype)
+        )
+    except BaseException:
+        journal.close()
+        raise
+    if not resuming:
         journal.start(header)
     n_resumed = len(records)
     try:
@@ -335,7 +337,12 @@ def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
         "n_tiles": len(tiles),
         "n_skipped": sum(r["status"] != "done" for r in records.values()),
     }
-    files, n_objects = _finish(records, tiles, info, config, run_row)
+    try:
+        files, n_objects = _finish(records, tiles, info, config, run_row)
+    except BaseException:
+        journal.close()
+        log.warning("finished tiles are kept: rerun with --resume to write the outputs")
+        raise
     journal.remove()
     return RunSummary(
         files=files,
