@@ -290,3 +290,24 @@ def test_rrsis_missing_duplicate_and_wrong_size(golden: Path, tmp_path: Path) ->
         (tmp_path / "p.json").write_text(json.dumps({"predictions": recs}))
         with pytest.raises(EvalError, match=message):
             load_rrsis_predictions(tmp_path / "p.json", samples)
+
+
+def test_text_model_auto_falls_back_to_packaged_minilm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from geopixel_cli.eval import textsim
+
+    loaded: list[str] = []
+
+    def fake_load(name: str):
+        loaded.append(name)
+        if name == textsim.REFERENCE_MODEL:
+            raise OSError("not cached and offline")
+        return f"encoder:{name}"
+
+    monkeypatch.setattr(textsim, "load_encoder", fake_load)
+    chosen = textsim.resolve_text_model("auto")
+    assert loaded == [textsim.REFERENCE_MODEL, textsim.minilm_path()]
+    assert chosen.variant == "minilm_meanpool" and chosen.similarity == f"encoder:{textsim.minilm_path()}"
+    assert "bert-base-uncased not available" in chosen.note and "all-MiniLM-L6-v2" in chosen.note
+    assert textsim.resolve_text_model("iou-only").variant is None
+    with pytest.raises(EvalError, match="not a Hugging Face model directory"):
+        textsim.resolve_text_model(str(Path(__file__).parent))
