@@ -120,14 +120,14 @@ def describe(
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", help="Output vector file; format by extension [default: <scene>_describe.gpkg]."
+            "-o", "--output", help="Output vector file; format by extension (default: <scene>_describe.gpkg)."
         ),
     ] = None,
     *,
     prompt: Annotated[
         str | None,
         typer.Option(
-            help="Instruction sent with each tile [default: the model's grounded-description prompt]."
+            help="Instruction sent with each tile (default: the model's grounded-description prompt)."
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit per tile.")] = 1024,
@@ -193,7 +193,7 @@ def segment(
         typer.Option(
             "-o",
             "--output",
-            help="Output vector file; format by extension [default: <scene>_<expression>.gpkg].",
+            help="Output vector file; format by extension (default: <scene>_<expression>.gpkg).",
         ),
     ] = None,
     *,

@@ -29,20 +29,20 @@ Model = Annotated[
         "--model",
         envvar=MODEL_ENV,
         show_envvar=True,
-        help="Model directory or hub id [default: the released model for the command].",
+        help="Model directory or hub id (default: the released model for the command).",
     ),
 ]
 Device = Annotated[
-    str | None, typer.Option(help="Torch device: cuda, cuda:1, cpu, mps [default: automatic].")
+    str | None, typer.Option(help="Torch device: cuda, cuda:1, cpu, mps (default: automatic).")
 ]
-Dtype = Annotated[str | None, typer.Option(help="Weights dtype: bf16, fp16 or fp32 [default: automatic].")]
+Dtype = Annotated[str | None, typer.Option(help="Weights dtype: bf16, fp16 or fp32 (default: automatic).")]
 Bidx = Annotated[
     str | None,
     typer.Option(
         "-b",
         "--bidx",
         help="Bands to use as RGB, 1-based, e.g. 3,2,1 or "
-        "1 (repeated). [default: 1,2,3; band 1 for 1-2 band scenes]",
+        "1 (repeated). (default: 1,2,3; band 1 for 1-2 band scenes)",
     ),
 ]
 TileSize = Annotated[int, typer.Option(help="Tile size in pixels; 800 = the training patch size.")]
@@ -53,7 +53,7 @@ Overlap = Annotated[
     ),
 ]
 HdNum = Annotated[int, typer.Option(help="Max 560 px crops per tile; 9 = the 3x3 view used in training.")]
-BatchSize = Annotated[int | None, typer.Option(help="Tiles per model call [default: 4 on CUDA, else 1].")]
+BatchSize = Annotated[int | None, typer.Option(help="Tiles per model call (default: 4 on CUDA, else 1).")]
 MinArea = Annotated[float, typer.Option(help="Drop objects smaller than this, in m² (pixels² without CRS).")]
 Simplify = Annotated[float, typer.Option(help="Simplify outlines with this tolerance in map units (0: off).")]
 MinValid = Annotated[float, typer.Option(help="Skip tiles whose valid (non-nodata) fraction is below this.")]
