@@ -127,3 +127,40 @@ def test_mask_polygons_scene_coordinates_and_holes():
 )
 def test_category_of(phrase, category):
     assert category_of(phrase) == category
+
+
+def test_tile_pieces_scores_nodata_and_labels():
+    from geopixel.result import GeoPixelResult, Phrase
+
+    from geopixel_cli.tiling import PixelWindow, TileSpec
+    from geopixel_cli.vectorize import tile_pieces
+
+    tile = TileSpec(5, 0, 1, PixelWindow(100, 0, 40, 30), PixelWindow(110, 0, 30, 30))
+    masks = np.zeros((3, 30, 40), bool)
+    masks[0, 2:6, 2:12] = True  # region a
+    masks[0, 20:25, 30:38] = True  # region b, half on nodata
+    masks[1, 10:14, 10:14] = True  # a [SEG] without a phrase: ignored
+    masks[2, 0:3, 0:3] = True  # one pixel after nodata erase: too small
+    logits = np.full((3, 30, 40), -20.0, np.float32)
+    logits[0, 2:6, 2:12] = 0.0  # sigmoid 0.5
+    logits[0, 20:25, 30:38] = 20.0  # sigmoid ~1
+    valid = np.ones((30, 40), bool)
+    valid[:, 34:] = False
+    valid[:2, :2] = False
+    valid[2, :3] = False
+    valid[:3, 2] = False
+    result = GeoPixelResult(
+        text="<p> two cars </p> [SEG] x [SEG] <p> a pool </p> [SEG]",
+        phrases=[Phrase("two cars", 4, 12, 0), Phrase("a pool", 35, 41, 2)],
+        masks=masks,
+        scores=np.asarray([0.8, 0.7, 0.9], np.float32),
+        token_ids=[],
+        mask_logits=logits,
+    )
+    pieces = tile_pieces(tile, result, valid, expression=None, min_pixels=4)
+    assert [(p.phrase, p.category, p.phrase_idx) for p in pieces] == [("two cars", "small vehicle", 0)] * 2
+    a, b = sorted(pieces, key=lambda p: p.geometry.bounds[1])
+    assert a.geometry.bounds == (102.0, 2.0, 112.0, 6.0) and a.score == pytest.approx(0.4)
+    assert b.geometry.bounds == (130.0, 20.0, 134.0, 25.0) and b.score == pytest.approx(0.8)
+    seg = tile_pieces(tile, result, valid, expression="cars", min_pixels=4)
+    assert {p.phrase for p in seg} == {"cars"} and len(seg) == 3  # every mask counts for segment
