@@ -29,6 +29,7 @@ from geopixel_cli.train.lora import LoraSpec, add_lora, merge_lora, set_frozen_e
 from geopixel_cli.train.mixture import Position, batch_indices, batches_per_epoch, build_pool, entries_for
 from geopixel_cli.train.records import Record, load_sample
 from geopixel_cli.train.state import (
+    check_settings,
     latest_checkpoint,
     load_checkpoint_state,
     make_optimizer,
@@ -148,11 +149,17 @@ def _pick_device(name: str | None, local_rank: int) -> torch.device:
 
 def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """Load the starting checkpoint, add LoRA, set the trainable set (fp32 trainable weights)."""
+    from geopixel.checkpoint import CheckpointError
     from geopixel.modeling import GeoPixel
+
+    from geopixel_cli.errors import UserError
 
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(cfg.seed)
-    model = GeoPixel.from_pretrained(cfg.model, device=device, dtype=dtype)
+    try:
+        model = GeoPixel.from_pretrained(cfg.model, device=device, dtype=dtype)
+    except CheckpointError as exc:
+        raise UserError(f"--model {cfg.model}: {exc}") from exc
     model.llm.gradient_checkpointing = cfg.gradient_checkpointing
     for module in model.llm.modules():  # the PLoRA dropout of the reference (p = 0.05 in train mode)
         if isinstance(module, nn.Dropout):
@@ -249,24 +256,26 @@ def train(cfg: TrainConfig) -> TrainSummary:
     device = _pick_device(cfg.device, local_rank)
     if world > 1:
         _init_distributed(device)
-    model = load_model(cfg, device)
     pool = build_pool(entries_for(cfg.data), seed=cfg.seed)
     total, warmup = plan_steps(cfg, len(pool), world)
     settings = settings_of(cfg, total_steps=total, warmup=warmup, world_size=world)
+    found = latest_checkpoint(cfg.output)
+    if cfg.resume and found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output / 'checkpoints'}")
+    if not cfg.resume and found is not None:
+        raise FileExistsError(f"{cfg.output} already has checkpoints: pass --resume or --overwrite")
+    if found is not None:  # fail before loading the model when the settings changed
+        check_settings(json.loads((found / "state.json").read_text())["settings"], settings, found)
+    model = load_model(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.lr)
     scheduler = make_scheduler(optimizer, warmup=warmup, total=total)
     start = 0
-    if cfg.resume:
-        found = latest_checkpoint(cfg.output)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output / 'checkpoints'}")
+    if found is not None:
         start = load_checkpoint_state(
             found, model=model, optimizer=optimizer, scheduler=scheduler, settings=settings, rank=rank
         )
         logger.info("resumed from %s at step %d", found, start)
-    elif latest_checkpoint(cfg.output) is not None:
-        raise FileExistsError(f"{cfg.output} already has checkpoints: pass --resume or --overwrite")
     cfg.output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (cfg.output / "train_config.json").write_text(json.dumps(settings, indent=2, default=str))

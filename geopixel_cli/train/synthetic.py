@@ -106,12 +106,13 @@ def _free(occupied: np.ndarray, poly: list[list[int]], size: int) -> bool:
     return True
 
 
-def make_scene(rng: np.random.Generator, size: int = 512) -> Scene:
+def make_scene(rng: np.random.Generator, size: int = 512, *, object_scale: float = 1.0) -> Scene:
     """Draw one scene.
 
     Args:
         rng: Random generator.
         size: Square image side in pixels.
+        object_scale: Multiplier on object sizes (1.0 = iSAID-like proportions at 512 px).
 
     Returns:
         The scene (image + instance polygons per class, only classes that were drawn).
@@ -128,7 +129,7 @@ def make_scene(rng: np.random.Generator, size: int = 512) -> Scene:
         draw.polygon([tuple(p) for p in poly], fill=color)
         inst.setdefault(cls, []).append(poly)
 
-    s = size / 512
+    s = size / 512 * object_scale
     if rng.random() < 0.5:  # a river with a bridge and ships
         y0 = int(rng.uniform(0.3, 0.6) * size)
         river = [
@@ -194,7 +195,9 @@ def caption_for(scene: Scene, rng: random.Random) -> tuple[str, list[str]]:
     return text, classes
 
 
-def write_dataset(out: Path, *, n: int, seed: int, size: int = 512) -> dict[str, Path]:
+def write_dataset(
+    out: Path, *, n: int, seed: int, size: int = 512, object_scale: float = 1.0
+) -> dict[str, Path]:
     """Generate ``n`` scenes into ``out`` (layout in the module docstring).
 
     Args:
@@ -202,6 +205,7 @@ def write_dataset(out: Path, *, n: int, seed: int, size: int = 512) -> dict[str,
         n: Number of scenes.
         seed: Random seed (same seed, same files).
         size: Image side in pixels.
+        object_scale: Multiplier on object sizes.
 
     Returns:
         Paths of the written lists: ``gcg``, ``rrsis``, ``mixture``.
@@ -211,7 +215,7 @@ def write_dataset(out: Path, *, n: int, seed: int, size: int = 512) -> dict[str,
     (out / "train").mkdir(parents=True, exist_ok=True)
     gcg, rrsis = [], []
     for i in range(n):
-        scene = make_scene(rng, size)
+        scene = make_scene(rng, size, object_scale=object_scale)
         name = f"S{seed:04d}_{i:05d}"
         img_rel = f"train/{name}.png"
         Image.fromarray(scene.image).save(out / img_rel)

@@ -1,0 +1,167 @@
+"""Training loop on the tiny golden checkpoint + synthetic data: resume, export, DDP, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from geopixel_cli.train.loop import TrainConfig, train
+from geopixel_cli.train.synthetic import write_dataset
+
+GOLDEN = (Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "reference-tiny").resolve()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> str:
+    if not (GOLDEN / "model.safetensors").is_file():
+        pytest.fail(f"golden tiny checkpoint missing at {GOLDEN}", pytrace=False)
+    return str(GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_dataset(tmp_path_factory.mktemp("synth"), n=4, seed=3, size=96, object_scale=2.0)
+
+
+def _cfg(data: Path, model: str, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        task="rrsis",
+        max_steps=3,
+        lr=1e-3,
+        save_every=1,
+        progress=False,
+        cache_sam_features=True,
+        warmup_steps=1,
+        export=False,
+    )
+    base.update(kw)
+    return TrainConfig(data=data, model=model, output=out, **base)
+
+
+def test_resume_gives_the_same_loss_curve(synth, tiny_model, tmp_path):
+    full = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "full", export=True))
+    cut = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", stop_after=1))
+    assert cut.steps == 1 and cut.export_dir is None
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut"))
+    resumed = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True))
+    keys = ("loss", "ce", "bce", "dice", "lr", "grad_norm")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history[1:]]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    with pytest.raises(ValueError, match="settings differ.*lr"):
+        train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True, lr=5e-4, max_steps=4))
+
+
+def test_export_is_a_loadable_released_checkpoint(synth, tiny_model, tmp_path):
+    from geopixel.modeling import GeoPixel
+
+    summary = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "run", max_steps=2, export=True))
+    final = summary.export_dir
+    assert final is not None and (final / "config.json").is_file() and (final / "tokenizer.model").is_file()
+    written = load_file(final / "model.safetensors")
+    source = load_file(GOLDEN / "model.safetensors")
+    assert set(written) == set(source)  # released key names, unused adapters carried over
+    key = "model.layers.0.attention.wqkv.weight"
+    assert not torch.equal(written[key], source[key])  # LoRA merged into the main weight
+    assert torch.equal(written["model.norm.weight"], source["model.norm.weight"])  # frozen
+    assert torch.equal(
+        written["vit.vision_tower.vision_model.post_layernorm.weight"],
+        source["vit.vision_tower.vision_model.post_layernorm.weight"],
+    )
+    model = GeoPixel.from_pretrained(final, device="cpu", dtype="fp32")
+    torch.testing.assert_close(model.llm.layers[0].attention.wqkv.weight, written[key])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+DDP_SCRIPT = """
+import sys, json, torch
+from pathlib import Path
+from geopixel_cli.train.loop import TrainConfig, train
+torch.set_num_threads(1)
+data, model, out = sys.argv[1:4]
+s = train(TrainConfig(data=Path(data), model=model, output=Path(out), task="rrsis", max_steps=2, lr=1e-3,
+                      save_every=10, progress=False, cache_sam_features=True, export=False))
+rank = int(__import__("os").environ["RANK"])
+Path(out, f"rank{rank}.json").write_text(json.dumps(s.history))
+"""
+
+
+def test_ddp_two_cpu_processes(synth, tiny_model, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        str(synth["rrsis"]),
+        tiny_model,
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h0 = json.loads((out / "rank0.json").read_text())
+    h1 = json.loads((out / "rank1.json").read_text())
+    drop = [{k: v for k, v in r.items() if k != "seconds"} for r in h0]
+    assert drop == [{k: v for k, v in r.items() if k != "seconds"} for r in h1]  # all-reduced metrics
+    assert h0[-1]["samples"] == 4  # 2 steps x 2 ranks x batch 1
+    saved = load_file(out / "checkpoints" / "step-0000002" / "trainable.safetensors")
+    assert any(".lora_B." in k for k in saved)
+
+
+def test_cli_reports_bad_data_and_bad_model(synth, tiny_model, tmp_path):
+    from geopixel_cli.cli import app
+
+    runner = CliRunner()
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "[SEG]"}],
+                    "image": "missing.png",
+                    "segmentation": [],
+                }
+            ]
+        )
+    )
+    res = runner.invoke(app, ["train", "--data", str(bad), "--model", tiny_model, "-o", str(tmp_path / "o1")])
+    assert res.exit_code == 1 and "bad.json[0]: image not found" in res.output
+    (tmp_path / "empty.txt").write_text("\n")
+    res = runner.invoke(
+        app,
+        ["train", "--data", str(tmp_path / "empty.txt"), "--model", tiny_model, "-o", str(tmp_path / "o2")],
+    )
+    assert res.exit_code == 1 and "empty mixture" in res.output
+    wrong = tmp_path / "wrong_model"
+    wrong.mkdir()
+    cfg = json.loads((GOLDEN / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    (wrong / "model.safetensors").symlink_to(GOLDEN / "model.safetensors")
+    (wrong / "tokenizer.model").symlink_to(GOLDEN / "tokenizer.model")
+    res = runner.invoke(
+        app, ["train", "--data", str(synth["rrsis"]), "--model", str(wrong), "-o", str(tmp_path / "o3")]
+    )
+    assert res.exit_code == 1 and "wrong_model" in res.output and "does not match" in res.output
