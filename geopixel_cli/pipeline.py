@@ -10,6 +10,7 @@ atomically; ``--resume`` reuses the journal's finished tiles and gives the same 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from geopixel_cli.tiling import TileSpec, grid
 from geopixel_cli.vectorize import tile_pieces
 
 log = logging.getLogger("geopixel_cli")
+GDAL_CACHE_MB = 128  # block cache for the run; see run()
 
 
 def _now() -> str:
@@ -261,6 +263,10 @@ def _version() -> str:
 def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
     """Run ``describe`` or ``segment`` over a whole scene and write its layers.
 
+    GDAL's block cache is capped at ``GDAL_CACHE_MB`` for the run (unless the user set
+    ``GDAL_CACHEMAX``): its default, 5 % of RAM, otherwise fills with decompressed blocks of a
+    big scene and makes peak memory grow with the scene.
+
     Args:
         config: Run options.
         model: An already loaded model (tests, notebooks); None loads ``config.model``.
@@ -271,6 +277,14 @@ def run(config: RunConfig, *, model: SceneModel | None = None) -> RunSummary:
     Raises:
         UserError: Any bad input, output or model, before anything is written at the output path.
     """
+    import rasterio
+
+    options = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}  # bytes
+    with rasterio.Env(**options):
+        return _run(config, model)
+
+
+def _run(config: RunConfig, model: SceneModel | None) -> RunSummary:
     started = time.perf_counter()
     validate(config)
     info = open_scene(config.scene, bidx=config.bidx)
