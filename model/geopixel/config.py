@@ -54,7 +54,11 @@ class LLMConfig:
     max_length: int = 16384
     plora_r: int = 256
     plora_alpha: int = 256
-    unused_adapter_ranks: tuple[tuple[str, int], ...] = (("lora_sft", 256), ("lora_dpo", 256), ("lora_web", 512))
+    unused_adapter_ranks: tuple[tuple[str, int], ...] = (
+        ("lora_sft", 256),
+        ("lora_dpo", 256),
+        ("lora_web", 512),
+    )
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -62,7 +66,8 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"hidden {self.hidden_size}, heads {self.num_heads}, kv heads {self.num_kv_heads} do not divide"
+                f"hidden {self.hidden_size}, heads {self.num_heads}, "
+                f"kv heads {self.num_kv_heads} do not divide"
             )
 
     @property
@@ -361,7 +366,12 @@ def _tiny() -> GeoPixelConfig:
             unused_adapter_ranks=(("lora_sft", 4), ("lora_dpo", 4), ("lora_web", 8)),
         ),
         vision=VisionConfig(
-            hidden_size=24, num_layers=2, num_heads=3, intermediate_size=96, projection_dim=16, proj_hidden_size=32
+            hidden_size=24,
+            num_layers=2,
+            num_heads=3,
+            intermediate_size=96,
+            projection_dim=16,
+            proj_hidden_size=32,
         ),
         grounding=GroundingConfig(
             hiera_embed_dim=8,
