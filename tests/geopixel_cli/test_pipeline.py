@@ -279,3 +279,26 @@ def test_png_with_world_file_and_no_crs(tmp_path, caplog):
     assert "no CRS" in caplog.text
     objects = pyogrio.read_dataframe(tmp_path / "o.gpkg", layer="objects")
     _check_objects(objects, RECTS, Affine(2, 0, 1000, 0, -2, 2000))
+
+
+def test_failed_write_leaves_nothing_and_keeps_journal(tmp_path, monkeypatch):
+    from geopixel_cli import layers
+
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / "o.gpkg"
+    real = layers._write_frame
+
+    def flaky(frame, path, layer):
+        real(frame, path, layer)
+        if layer == "objects":
+            raise OSError("disk full")
+
+    monkeypatch.setattr(layers, "_write_frame", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        run(_config(scene, out), model=ScriptedModel())
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.gpkg.geopixel-journal", "s.tif"]
+    monkeypatch.setattr(layers, "_write_frame", real)
+    model = ScriptedModel()
+    run(_config(scene, out, resume=True), model=model)  # only the write is redone
+    assert model.calls == [] and len(pyogrio.read_dataframe(out, layer="objects")) == len(RECTS)
