@@ -25,6 +25,12 @@ def train_command(
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder: checkpoints, metrics, final/.")],
     *,
+    sam2: Annotated[
+        Path | None,
+        typer.Option(
+            help="SAM-2 checkpoint (sam2_hiera_large.pt): start from base weights, --model = IXC-2.5 dir."
+        ),
+    ] = None,
     task: Annotated[
         str, typer.Option(help="gcg (grounded description, hd 9) or rrsis (referring segmentation, hd 1).")
     ] = "gcg",

@@ -109,10 +109,22 @@ def export_checkpoint(
         for name in CARRIED_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, output / name)
-    cfg_path = output / "config.json"
-    if cfg_path.is_file():
-        raw = json.loads(cfg_path.read_text())
-        written = dtype or next(iter(state.values())).dtype
-        raw["torch_dtype"] = _DTYPE_NAMES.get(written, str(written))
-        cfg_path.write_text(json.dumps(raw, indent=2) + "\n")
+    _update_config(output, model, dtype or next(iter(state.values())).dtype)
     return output
+
+
+def _update_config(output: Path, model: nn.Module, dtype: torch.dtype) -> None:
+    """Make ``config.json`` / ``added_tokens.json`` describe the written weights (e.g. after a base start)."""
+    cfg = model.config
+    cfg_path = output / "config.json"
+    raw = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    raw.update(
+        torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype)),
+        vocab_size=cfg.llm.vocab_size,
+        out_dim=cfg.grounding.out_dim,
+        architectures=["GeoPixelForCausalLM"],
+    )
+    cfg_path.write_text(json.dumps(raw, indent=2) + "\n")
+    tokens = output / "added_tokens.json"
+    if not tokens.is_file() and model.tokenizer is not None:
+        tokens.write_text(json.dumps(model.tokenizer.added_tokens))

@@ -46,7 +46,8 @@ class TrainConfig:
 
     Attributes:
         data: Mixture file, JSON list, RRSIS-D root or folder (see :mod:`.mixture`).
-        model: Checkpoint directory or hub id to start from.
+        model: Checkpoint directory or hub id to start from (an IXC-2.5 directory with ``sam2``).
+        sam2: SAM-2 checkpoint file: start from base weights (IXC-2.5 + SAM-2) instead of GeoPixel.
         output: Run folder (checkpoints, metrics, final export).
         task: ``gcg`` or ``rrsis`` (sets the default hd_num: 9 / 1).
         epochs: Passes over the pool (used when ``max_steps`` is None).
@@ -76,6 +77,7 @@ class TrainConfig:
     data: Path
     model: str
     output: Path
+    sam2: Path | None = None
     task: str = "gcg"
     epochs: float = 1.0
     max_steps: int | None = None
@@ -157,7 +159,16 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(cfg.seed)
     try:
-        model = GeoPixel.from_pretrained(cfg.model, device=device, dtype=dtype)
+        if cfg.sam2 is not None:  # base weights: IXC-2.5 directory + SAM-2 checkpoint
+            from geopixel.checkpoint import resolve_checkpoint
+
+            from geopixel_cli.train.base_weights import load_base_model
+
+            model = load_base_model(
+                resolve_checkpoint(cfg.model), cfg.sam2, device=device, dtype=dtype, seed=cfg.seed
+            )
+        else:
+            model = GeoPixel.from_pretrained(cfg.model, device=device, dtype=dtype)
     except CheckpointError as exc:
         raise UserError(f"--model {cfg.model}: {exc}") from exc
     model.llm.gradient_checkpointing = cfg.gradient_checkpointing
@@ -176,6 +187,7 @@ def settings_of(cfg: TrainConfig, *, total_steps: int, warmup: int, world_size: 
     """JSON-able run settings (stored in checkpoints and compared on resume)."""
     raw = asdict(cfg)
     raw.update(
+        sam2=None if cfg.sam2 is None else str(cfg.sam2),
         data=str(cfg.data),
         model=str(cfg.model),
         output=str(cfg.output),

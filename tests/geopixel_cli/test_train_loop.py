@@ -165,3 +165,26 @@ def test_cli_reports_bad_data_and_bad_model(synth, tiny_model, tmp_path):
         app, ["train", "--data", str(synth["rrsis"]), "--model", str(wrong), "-o", str(tmp_path / "o3")]
     )
     assert res.exit_code == 1 and "wrong_model" in res.output and "does not match" in res.output
+
+
+def test_loss_falls_and_mask_iou_rises(tiny_model, tmp_path):
+    from geopixel.modeling import GeoPixel
+
+    from geopixel_cli.train.evaluate import evaluate_masks
+    from geopixel_cli.train.loop import load_model
+    from geopixel_cli.train.records import read_json_list
+
+    data = write_dataset(tmp_path / "d", n=2, seed=11, size=96, object_scale=2.0)
+    cfg = _cfg(
+        data["rrsis"], tiny_model, tmp_path / "run", max_steps=20, lr=5e-3, save_every=100, export=True
+    )
+    records = read_json_list(data["rrsis"])
+    before = evaluate_masks(load_model(cfg, torch.device("cpu")), records, hd_num=1)
+    summary = train(cfg)
+    after = evaluate_masks(
+        GeoPixel.from_pretrained(summary.export_dir, device="cpu", dtype="fp32"), records, hd_num=1
+    )
+    losses = [r["loss"] for r in summary.history]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert after.ce < before.ce
+    assert after.miou > before.miou + 0.2, (before.ious, after.ious)
