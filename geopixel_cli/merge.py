@@ -116,6 +116,9 @@ def match_groups(pieces: list[Piece], tiles: dict[int, TileSpec]) -> list[list[i
 def _merge_group(members: list[Piece], tiles: dict[int, TileSpec]) -> MergedObject | None:
     from shapely import union_all
 
+    if len(members) == 1:  # seen by one tile only: kept whole (it lies inside that tile's window)
+        m = members[0]
+        return MergedObject(m.geometry, m.phrase, m.category, m.phrase_idx, m.tile_id, (m.tile_id,), m.score)
     group_tiles = sorted({m.tile_id for m in members})
     parts, areas = [], []
     for m in members:
