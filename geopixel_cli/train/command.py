@@ -76,7 +76,7 @@ def train_command(
 
     Example: geopixel train --data data.txt --model MBZUAI/GeoPixel-7B -o runs/gcg --task gcg --epochs 9
 
-    Multi-GPU: torchrun --nproc-per-node 4 -m geopixel_cli.cli train ... (DDP).
+    Multi-GPU (DDP): torchrun --nproc-per-node 4 --no-python geopixel train ...
     """
     from geopixel_cli.cli import configure_logging, guarded
 

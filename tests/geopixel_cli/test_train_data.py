@@ -237,3 +237,21 @@ def test_synthetic_dataset_is_consistent_and_deterministic(tmp_path):
     assert "<p>" in text and "</p> [SEG]" in text
     ann = json.loads(next((tmp_path / "a" / "train").glob("*.json")).read_text())
     assert {"polygons", "instances", "gcg_description"} <= set(ann)
+
+
+def test_data_subcommands(tmp_path):
+    from typer.testing import CliRunner
+
+    from geopixel_cli.train.data_command import data_app
+
+    runner = CliRunner()
+    res = runner.invoke(data_app, ["synth", str(tmp_path / "s"), "--n", "2", "--seed", "1", "--size", "64"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(data_app, ["check", str(tmp_path / "s" / "data.txt"), "--decode"])
+    assert res.exit_code == 0 and "pool: 4 samples" in res.output
+    root = _rrsisd_root(tmp_path)
+    res = runner.invoke(data_app, ["convert-rrsisd", str(root), "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and "2 records" in res.output
+    (tmp_path / "bad.txt").write_text("missing.json 1\n")
+    res = runner.invoke(data_app, ["check", str(tmp_path / "bad.txt")])
+    assert res.exit_code == 1 and "missing.json: dataset list not found" in res.output
