@@ -134,20 +134,39 @@ def write_preview(path: Path, info: SceneInfo, objects: list[Any], *, side: int 
         for part in get_parts(out.merged.geometry):
             ring = [(x * scale, y * scale) for x, y in part.exterior.coords]
             draw.polygon(ring, fill=(*colour, 110), outline=(*colour, 255))
-    for out in objects:
-        point = out.merged.geometry.representative_point()
-        colour = colours[out.merged.category]
-        draw.text(
-            (point.x * scale, point.y * scale),
-            out.merged.category,
-            fill=(*colour, 255),
-            font=font,
-            stroke_width=1,
-            stroke_fill=(0, 0, 0, 255),
-        )
+    _draw_labels(draw, base.size, objects, colours, scale, font)
     tmp = _staging(path)
     try:
         Image.alpha_composite(base, overlay).convert("RGB").save(tmp / "preview.png")
         os.replace(tmp / "preview.png", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _draw_labels(
+    draw: Any,
+    size: tuple[int, int],
+    objects: list[Any],
+    colours: dict[str, tuple[int, int, int]],
+    scale: float,
+    font: Any,
+) -> None:
+    """Category labels, biggest objects first, skipping any label that would overlap a drawn one."""
+    taken = np.zeros((size[1] // 4 + 1, size[0] // 4 + 1), bool)  # 4 px occupancy grid
+    for out in sorted(objects, key=lambda o: -o.merged.geometry.area):
+        point = out.merged.geometry.representative_point()
+        text = out.merged.category
+        x0, y0, x1, y1 = draw.textbbox((point.x * scale, point.y * scale), text, font=font, stroke_width=1)
+        cells = taken[max(0, int(y0) // 4) : int(y1) // 4 + 1, max(0, int(x0) // 4) : int(x1) // 4 + 1]
+        if cells.size == 0 or cells.any():
+            continue
+        cells[:] = True
+        colour = colours[out.merged.category]
+        draw.text(
+            (point.x * scale, point.y * scale),
+            text,
+            fill=(*colour, 255),
+            font=font,
+            stroke_width=1,
+            stroke_fill=(0, 0, 0, 255),
+        )
