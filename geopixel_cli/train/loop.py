@@ -288,6 +288,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             found, model=model, optimizer=optimizer, scheduler=scheduler, settings=settings, rank=rank
         )
         logger.info("resumed from %s at step %d", found, start)
+        if rank == 0:
+            _truncate_metrics(cfg.output / "metrics.jsonl", start)
     cfg.output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (cfg.output / "train_config.json").write_text(json.dumps(settings, indent=2, default=str))
@@ -325,13 +327,25 @@ def train(cfg: TrainConfig) -> TrainSummary:
         from geopixel_cli.train.export import export_checkpoint
 
         merge_lora(model)
-        export_dir = export_checkpoint(model, cfg.output / "final", source=resolve_checkpoint(cfg.model))
+        export_dir = export_checkpoint(
+            model,
+            cfg.output / "final",
+            source=resolve_checkpoint(cfg.model),
+            dtype=model.llm.norm.weight.dtype,
+        )
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return TrainSummary(steps=end, history=history, output=cfg.output, export_dir=export_dir)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint a resumed run restarts from (killed mid-interval)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _run_steps(

@@ -48,9 +48,13 @@ def _cfg(data: Path, model: str, out: Path, **kw) -> TrainConfig:
 
 
 def test_resume_gives_the_same_loss_curve(synth, tiny_model, tmp_path):
+    import shutil
+
     full = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "full", export=True))
-    cut = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", stop_after=1))
-    assert cut.steps == 1 and cut.export_dir is None
+    cut = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", stop_after=2))
+    assert cut.steps == 2 and cut.export_dir is None
+    # killed after logging step 2 but before its checkpoint landed: resume from step 1
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000002")
     with pytest.raises(FileExistsError, match="--resume"):
         train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut"))
     resumed = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True))
@@ -60,6 +64,37 @@ def test_resume_gives_the_same_loss_curve(synth, tiny_model, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     with pytest.raises(ValueError, match="settings differ.*lr"):
         train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True, lr=5e-4, max_steps=4))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(synth, tiny_model, tmp_path):
+    from geopixel.training import training_forward
+
+    from geopixel_cli.train.collate import collate, make_example
+    from geopixel_cli.train.loop import load_model
+    from geopixel_cli.train.records import load_sample, read_json_list
+
+    model = load_model(_cfg(synth["rrsis"], tiny_model, tmp_path), torch.device("cpu"))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():  # non-zero LoRA B so that the adapters matter
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.01)
+    rec = read_json_list(synth["rrsis"])[0]
+    batch = collate(
+        [make_example(load_sample(rec), tokenizer=model.tokenizer, config=model.config, hd_num=1)]
+    )
+    model.train()
+    grads = []
+    for ckpt in (False, True):
+        model.llm.gradient_checkpointing = ckpt
+        model.zero_grad()
+        training_forward(model, batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".lora_A." in k for k in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
 
 
 def test_export_is_a_loadable_released_checkpoint(synth, tiny_model, tmp_path):
