@@ -19,6 +19,7 @@ ignored. Everything else must match exactly (missing or misshaped tensors raise)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,7 +45,11 @@ def _sam2_tensors(path: Path) -> dict[str, LazyTensor]:
         raise FileNotFoundError(f"--sam2 {path}: file not found (expected sam2_hiera_large.pt)")
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     state = state.get("model", state)
-    return {SAM2_PREFIX + k: LazyTensor(tuple(v.shape), v.dtype, (lambda t=v: t)) for k, v in state.items()}
+    return {SAM2_PREFIX + k: LazyTensor(tuple(v.shape), v.dtype, _constant(v)) for k, v in state.items()}
+
+
+def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
 
 
 def base_config(ixc_dir: Path) -> GeoPixelConfig:
