@@ -4,7 +4,9 @@ Two pieces from different tiles are the same object when they have the same cate
 either (a) they overlap inside the two tiles' shared window region by at least
 ``MATCH_OVERLAP`` of the smaller piece's part in that region (an object inside an overlap,
 or cut by one tile's edge and seen whole by the other), or (b) their core-clipped parts
-share an edge (an object crossing a seam between tiles without overlap). Matches are joined
+share an edge (an object crossing a seam between tiles without overlap). Pieces with different
+categories still match when their outlines inside the shared region have an IoU of at least
+``DUPLICATE_IOU`` (one object that two tiles named differently). Matches are joined
 transitively (union-find), so an object over a four-tile corner becomes one object.
 
 The merged outline takes each pixel from the tile that owns it (its core) when that tile is
@@ -23,6 +25,7 @@ from geopixel_cli.tiling import PixelWindow, TileSpec
 from geopixel_cli.vectorize import Piece
 
 MATCH_OVERLAP = 0.25
+DUPLICATE_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,20 @@ def _polygonal(geom: Any) -> Any:
 
 def _is_match(a: Piece, b: Piece, tiles: dict[int, TileSpec]) -> bool:
     ta, tb = tiles[a.tile_id], tiles[b.tile_id]
+    same = a.category == b.category
     shared = ta.window.intersection(tb.window)
     if shared is not None:
         region = _box(shared)
         pa, pb = a.geometry.intersection(region), b.geometry.intersection(region)
+        inter = pa.intersection(pb).area
         smaller = min(pa.area, pb.area)
-        if smaller > 0 and pa.intersection(pb).area >= MATCH_OVERLAP * smaller:
+        if same and smaller > 0 and inter >= MATCH_OVERLAP * smaller:
             return True
+        union = pa.area + pb.area - inter
+        if union > 0 and inter >= DUPLICATE_IOU * union:
+            return True  # the same outline seen by both tiles under two names
+    if not same:
+        return False
     qa = a.geometry.intersection(_box(ta.core))
     qb = b.geometry.intersection(_box(tb.core))
     return bool(qa.intersection(qb).length > 0)
@@ -104,7 +114,7 @@ def match_groups(pieces: list[Piece], tiles: dict[int, TileSpec]) -> list[list[i
         left, right = tree.query([p.geometry for p in pieces], predicate="intersects")
         for i, j in zip(left.tolist(), right.tolist(), strict=True):
             a, b = pieces[i], pieces[j]
-            if i < j and a.tile_id != b.tile_id and a.category == b.category and _is_match(a, b, tiles):
+            if i < j and a.tile_id != b.tile_id and _is_match(a, b, tiles):
                 ri, rj = _find(parent, i), _find(parent, j)
                 parent[max(ri, rj)] = min(ri, rj)
     groups: dict[int, list[int]] = {}

@@ -164,3 +164,15 @@ def test_tile_pieces_scores_nodata_and_labels():
     assert b.geometry.bounds == (130.0, 20.0, 134.0, 25.0) and b.score == pytest.approx(0.8)
     seg = tile_pieces(tile, result, valid, expression="cars", min_pixels=4)
     assert {p.phrase for p in seg} == {"cars"} and len(seg) == 3  # every mask counts for segment
+
+
+def test_same_outline_named_differently_by_two_tiles_is_one_object():
+    rect = (170, 100, 200, 130)  # inside the overlap of tiles 0 and 1 (x 160-200)
+    pieces = [
+        Piece(0, 0, "a building", "building", 0.6, box(*rect)),
+        Piece(1, 2, "red roofs", "red roof", 0.8, box(*rect)),
+    ]
+    objects = merge_pieces(pieces, TILES)
+    assert len(objects) == 1 and objects[0].tile_ids == (0, 1)
+    # tile 0 owns x < 180 and tile 1 the rest: tile 1 contributes more, so it names the object
+    assert objects[0].category == "red roof" and objects[0].phrase_idx == 2
