@@ -4,7 +4,7 @@ Layers: ``objects`` (MultiPolygon; phrase, category, caption_id, phrase_idx, til
 score, area_m2, perimeter_m), ``tiles`` (footprint; status and caption) and ``runs`` (one row:
 model, version, options, times). A GeoPackage holds all three; single-layer formats write
 ``objects`` at the output path, ``tiles`` beside it as ``<stem>_tiles<ext>`` and ``runs`` as
-``<stem>_runs.json``.
+``<name>.runs.json`` (e.g. ``out.shp.runs.json``).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def sidecars(path: Path) -> dict[str, Path]:
     return {
         "objects": path,
         "tiles": path.with_name(f"{path.stem}_tiles{path.suffix}"),
-        "runs": path.with_name(f"{path.stem}_runs.json"),
+        "runs": path.with_name(f"{path.name}.runs.json"),
     }
 
 

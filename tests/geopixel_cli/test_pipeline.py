@@ -172,7 +172,7 @@ def test_formats(tmp_path, ext):
     out = tmp_path / f"out{ext}"
     summary = run(_config(scene, out), model=ScriptedModel())
     assert summary.files[-1] == out
-    assert (tmp_path / f"out_tiles{ext}").exists() and (tmp_path / "out_runs.json").exists()
+    assert (tmp_path / f"out_tiles{ext}").exists() and (tmp_path / f"out{ext}.runs.json").exists()
     if ext == ".parquet":
         import geopandas as gpd
 
