@@ -250,7 +250,9 @@ def _write_frame(frame: Any, path: Path, layer: str) -> None:
 
     suffix = path.suffix.lower()
     if layer == "runs" and suffix != ".gpkg":
-        path.write_text(json.dumps(frame.to_dict(orient="records")[0], indent=2, default=str) + "\n")
+        record = frame.to_dict(orient="records")[0]
+        record["options"] = json.loads(record["options"])  # a JSON file holds the options as an object
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         return
     if suffix == ".geojson" and frame.crs is not None:
         frame = frame.to_crs(4326)  # RFC 7946

@@ -1,3 +1,4 @@
+import json
 import logging
 import math
 from pathlib import Path
@@ -172,7 +173,9 @@ def test_formats(tmp_path, ext):
     out = tmp_path / f"out{ext}"
     summary = run(_config(scene, out), model=ScriptedModel())
     assert summary.files[-1] == out
-    assert (tmp_path / f"out_tiles{ext}").exists() and (tmp_path / f"out{ext}.runs.json").exists()
+    assert (tmp_path / f"out_tiles{ext}").exists()
+    runs = json.loads((tmp_path / f"out{ext}.runs.json").read_text())
+    assert runs["options"]["tile_size"] == 200 and runs["n_objects"] == len(RECTS)
     if ext == ".parquet":
         import geopandas as gpd
 
