@@ -127,6 +127,11 @@ def load_model(model: str, *, device: str | None, dtype: str | None) -> SceneMod
     """
     location = locate_model(model)
     try:
+        import sentencepiece
+
+        # The InternLM2 tokenizer model makes sentencepiece log a harmless warning about piece 354
+        # on stderr at every load; a GIS user's terminal should not show it (CLI-level setting).
+        sentencepiece.set_min_log_level(2)
         from geopixel import GeoPixel
     except ImportError as exc:
         raise UserError(f"the geopixel network package cannot be imported: {exc}") from exc
