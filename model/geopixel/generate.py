@@ -2,9 +2,16 @@
 
 gpt-fast style: :func:`setup_caches` preallocates the caches, :func:`prefill` runs the prompt and
 :func:`decode_one_token` runs one step; both take static shapes and never call ``.item()`` so
-they can be compiled (``torch.compile(decode_one_token, mode="reduce-overhead")``). The loop in
-:func:`generate` keeps tokens and stop flags on the device and only looks at them on the host
-every ``stop_check_every`` steps.
+they can be compiled: :func:`compile_decode_step` wraps ``decode_one_token`` in
+``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs) and :func:`generate` takes the result
+as ``decode_fn``. The loop in :func:`generate` keeps tokens and stop flags on the device and only
+looks at them on the host every ``stop_check_every`` steps.
+
+CUDA graphs replay fixed memory addresses, so the caches must outlive one call: the cache length
+is rounded up to a multiple of :data:`CACHE_MULTIPLE` (:func:`cache_length`) and
+:meth:`InternLM2.setup_caches` reuses the existing caches when batch, length, dtype and device
+match, so consecutive batches of equal-sized tiles run in the same buffers (and the same captured
+graph). Unused slots are masked out in decode, so the rounding does not change the result.
 
 Batches of prompts with different lengths are left-padded (see :mod:`geopixel.llm`): row b's
 real tokens have RoPE positions ``0..len_b-1`` and its pad columns are masked out, so a batched
@@ -20,11 +27,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 
 from geopixel.llm import InternLM2, padding_mask
+
+CACHE_MULTIPLE = 256  # cache slots are allocated in steps of this many tokens (see cache_length)
+
+
+class DecodeFn(Protocol):
+    """Signature of a decode step: :func:`decode_one_token` or its compiled form."""
+
+    def __call__(
+        self, model: InternLM2, embeds: Tensor, *, input_pos: Tensor, pad: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Feed ``embeds`` (B, 1, C) at slot ``input_pos``; return hidden (B, C) and logits (B, V)."""
+        ...
 
 
 @dataclass
@@ -46,10 +66,89 @@ class GenerationOutput:
 
 
 def setup_caches(
-    model: InternLM2, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    model: InternLM2,
+    *,
+    batch: int,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    static: bool = False,
 ) -> None:
-    """Preallocate ``model``'s KV caches for ``batch`` rows of ``max_len`` slots."""
+    """Preallocate ``model``'s KV caches for ``batch`` rows of ``max_len`` slots.
+
+    Existing caches of the same shape, dtype and device are kept (no new allocation).
+
+    Args:
+        model: The decoder.
+        batch: Rows.
+        max_len: Slots per row.
+        dtype: Cache dtype.
+        device: Cache device.
+        static: Mark the cache tensors as static addresses for ``torch.compile`` (what HF's
+            ``StaticCache`` does): CUDA graphs then write them in place instead of treating them
+            as inputs to copy or refusing to capture a graph that mutates them.
+    """
     model.setup_caches(batch=batch, max_len=max_len, dtype=dtype, device=torch.device(device))
+    if static:
+        for layer in model.layers:
+            cache = layer.attention.kv_cache
+            if cache is not None:
+                torch._dynamo.mark_static_address(cache.k_cache)
+                torch._dynamo.mark_static_address(cache.v_cache)
+
+
+def cache_length(needed: int, *, max_position: int, multiple: int = CACHE_MULTIPLE) -> int:
+    """Cache slots to allocate for ``needed`` tokens: ``needed`` rounded up to ``multiple``.
+
+    Rounding lets generations of nearby lengths share one cache (and one CUDA graph). It never
+    changes the result: decode masks the slots past the current token, and RoPE's base depends
+    on the cache length only beyond ``max_position`` (dynamic NTK, :func:`geopixel.llm.rope_base`),
+    so the rounded length is capped at ``max_position`` and a length already beyond it is kept
+    exact.
+
+    Args:
+        needed: Prompt + new tokens.
+        max_position: ``max_position_embeddings`` of the model.
+        multiple: Rounding step.
+
+    Returns:
+        The number of slots, ``>= needed``.
+    """
+    if needed > max_position:
+        return needed
+    return min(-(-needed // multiple) * multiple, max_position)
+
+
+def compile_decode_step(
+    *, mode: str | None = "reduce-overhead", backend: str = "inductor", fullgraph: bool = True
+) -> DecodeFn:
+    """``torch.compile`` of :func:`decode_one_token`, to pass to :func:`generate` as ``decode_fn``.
+
+    The step is compiled with ``dynamic=False``: each (batch, cache length) pair gets its own
+    specialised graph (and, with ``mode="reduce-overhead"`` on CUDA, its own captured CUDA graph),
+    which is why :func:`generate` rounds cache lengths (:func:`cache_length`). Compiling costs
+    tens of seconds per new shape, so it pays off for long answers and many tiles, not for one
+    short call. Torch's recompile limit (8 by default) bounds the number of shapes per process;
+    past it the step runs eagerly.
+
+    Args:
+        mode: Inductor mode (``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``, None);
+            only used with the inductor backend.
+        backend: ``"inductor"`` (speed) or a debugging backend such as ``"eager"`` /
+            ``"aot_eager"`` (same kernels as eager: the tests use them to check the traced graph).
+        fullgraph: Fail on a graph break instead of silently running pieces eagerly.
+
+    Returns:
+        A callable with the signature of :func:`decode_one_token`.
+    """
+    compiled = torch.compile(
+        decode_one_token,
+        mode=mode if backend == "inductor" else None,
+        backend=backend,
+        fullgraph=fullgraph,
+        dynamic=False,
+    )
+    return cast(DecodeFn, compiled)
 
 
 def left_pad(
@@ -173,6 +272,7 @@ def generate(
     stream_callback: Callable[[list[int]], None] | None = None,
     stop_check_every: int = 8,
     forced_token_ids: Tensor | None = None,
+    decode_fn: DecodeFn | None = None,
 ) -> GenerationOutput:
     """Decode a batch of prompts with the KV cache; keep last-layer hidden states at [SEG] inputs.
 
@@ -193,6 +293,9 @@ def generate(
         stop_check_every: Steps between host checks of "all rows finished".
         forced_token_ids: Teacher forcing (B, N): feed these tokens instead of sampling (scoring,
             parity tests); N must equal ``max_new_tokens``.
+        decode_fn: The decode step; None runs :func:`decode_one_token` eagerly. Pass
+            :func:`compile_decode_step`'s result for the compiled (CUDA-graph) step; the prefill
+            stays eager (its prompt length changes from call to call).
 
     Returns:
         Per-row generated ids, [SEG] hidden states and their positions.
@@ -204,7 +307,10 @@ def generate(
     if forced_token_ids is not None and forced_token_ids.shape != (bsz, max_new_tokens):
         raise ValueError(f"forced_token_ids must be (B, max_new_tokens) = ({bsz}, {max_new_tokens})")
     embed = embed_fn if embed_fn is not None else model.tok_embeddings
-    setup_caches(model, batch=bsz, max_len=seqlen + max_new_tokens, dtype=x.dtype, device=x.device)
+    max_len = cache_length(seqlen + max_new_tokens, max_position=model.config.max_position_embeddings)
+    setup_caches(
+        model, batch=bsz, max_len=max_len, dtype=x.dtype, device=x.device, static=decode_fn is not None
+    )
     tokens = torch.full((bsz, max_new_tokens), eos_id, dtype=torch.long, device=x.device)
     # Static workspace: last-layer hidden at the input position of token k (8 MiB per row for the
     # 7B model at 1024 tokens in bf16); only the [SEG] rows leave this function.
@@ -213,6 +319,7 @@ def generate(
     padded = any(n != seqlen for n in (int(r.shape[0]) for r in rows))
     _, logits = prefill(model, x, im_mask=im if masks is not None else None, pad=pad if padded else None)
     input_pos = torch.tensor([seqlen], dtype=torch.long, device=x.device)
+    step_fn: DecodeFn = decode_one_token if decode_fn is None else decode_fn
     fed = 0
     for step in range(max_new_tokens):
         if forced_token_ids is not None:
@@ -226,7 +333,11 @@ def generate(
             stream_callback(tok.tolist())
         if step == max_new_tokens - 1 or ((step + 1) % stop_check_every == 0 and bool(done.all())):
             break
-        hidden, logits = decode_one_token(model, embed(tok[:, None]), input_pos=input_pos, pad=pad)
+        if decode_fn is not None:
+            # A CUDA-graph step overwrites its previous outputs on replay; they are consumed
+            # (copied into hidden_buf, sampled) before the next call.
+            torch.compiler.cudagraph_mark_step_begin()
+        hidden, logits = step_fn(model, embed(tok[:, None]), input_pos=input_pos, pad=pad)
         hidden_buf[:, step] = hidden
         input_pos += 1
         fed = step + 1

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from geopixel.config import GeoPixelConfig
-from geopixel.generate import decode_one_token, generate, prefill, sample, setup_caches
-from geopixel.llm import InternLM2, llm_state_dict
+from geopixel.generate import (
+    cache_length,
+    compile_decode_step,
+    decode_one_token,
+    generate,
+    prefill,
+    sample,
+    setup_caches,
+)
+from geopixel.llm import InternLM2, llm_state_dict, rope_base
 from safetensors.torch import load_file
 
 CASES = ["rrsis_img_800x800_hd9", "gcg_img_800x800_hd9", "rrsis_img_1000x600_hd4", "gcg_img_1000x600_hd4"]
@@ -207,3 +215,57 @@ def test_decode_one_token_traces_without_graph_breaks(tiny_llm: InternLM2) -> No
         compiled = step(tiny_llm, emb, input_pos=pos, pad=pad)
         eager = decode_one_token(tiny_llm, emb, input_pos=pos, pad=pad)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_cache_length_rounds_up_without_changing_rope() -> None:
+    cfg = GeoPixelConfig.from_name("geopixel-7b").llm
+    top = cfg.max_position_embeddings  # 24576
+    assert cache_length(4145 + 1024, max_position=top) == 5376  # 21 x 256
+    assert cache_length(256, max_position=top) == 256 and cache_length(1, max_position=top) == 256
+    assert cache_length(top - 10, max_position=top) == top  # capped: RoPE base still theta
+    assert cache_length(top + 1, max_position=top) == top + 1  # dynamic NTK: exact length kept
+    for needed in (7, 5169, top - 10, top, top + 1, 30000):
+        assert rope_base(cfg, cache_length(needed, max_position=top)) == rope_base(cfg, needed)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_seg_hidden(tiny_llm: InternLM2) -> None:
+    rows = [prompt(tiny_llm, n, seed=20 + n, image=slice(1, n - 3)) for n in (9, 14)]
+    xs, ims = [r[0] for r in rows], [r[1] for r in rows]
+    forced = torch.tensor([[5, SEG, 6, SEG, 7, 8], [SEG, 4, 9, SEG, 1, EOS]])
+    calls: list[int] = []
+    compiled = compile_decode_step(backend="aot_eager")  # the traced graph, eager kernels: bitwise equal
+
+    def counted(
+        model: InternLM2, embeds: torch.Tensor, *, input_pos: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(int(input_pos))
+        return compiled(model, embeds, input_pos=input_pos, pad=pad)
+
+    kw = {"max_new_tokens": 6, "seg_id": SEG, "forced_token_ids": forced}
+    eager = generate(tiny_llm, None, xs, ims, **kw)
+    fast = generate(tiny_llm, None, xs, ims, decode_fn=counted, **kw)
+    assert calls == [14, 15, 16, 17, 18]  # every step after prefill went through decode_fn
+    assert fast.token_ids == eager.token_ids
+    assert fast.seg_positions == eager.seg_positions == [[10, 12], [14, 17]]
+    for a, b in zip(fast.seg_hidden, eager.seg_hidden, strict=True):
+        assert torch.equal(a, b)
+    greedy = generate(tiny_llm, None, xs, ims, max_new_tokens=8, seg_id=SEG)
+    assert generate(tiny_llm, None, xs, ims, max_new_tokens=8, seg_id=SEG, decode_fn=compiled).token_ids == (
+        greedy.token_ids
+    )
+
+
+def test_caches_are_reused_across_calls_and_stale_slots_do_not_leak(tiny_llm: InternLM2) -> None:
+    long_x, long_im = prompt(tiny_llm, 40, seed=30, image=slice(1, 30))
+    x, im = prompt(tiny_llm, 12, seed=31, image=slice(1, 8))
+    tiny_llm.clear_caches()
+    fresh = generate(tiny_llm, None, [x], [im], max_new_tokens=6, seg_id=SEG)
+    generate(tiny_llm, None, [long_x], [long_im], max_new_tokens=30, seg_id=SEG)  # fills 70 slots
+    cache = tiny_llm.layers[0].attention.kv_cache
+    assert cache is not None and tiny_llm.cache_len == 256
+    again = generate(tiny_llm, None, [x], [im], max_new_tokens=6, seg_id=SEG)  # same 256-slot cache
+    assert tiny_llm.layers[0].attention.kv_cache is cache
+    assert again.token_ids == fresh.token_ids
+    generate(tiny_llm, None, [x, x], [im, im], max_new_tokens=6, seg_id=SEG)  # new batch size: new cache
+    assert tiny_llm.layers[0].attention.kv_cache is not cache
+    tiny_llm.clear_caches()
