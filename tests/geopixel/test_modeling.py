@@ -147,3 +147,29 @@ def test_context_limit_downscales_large_images_and_refuses_impossible_prompts(mo
         model.describe(np.zeros((64, 64, 3), np.uint8), max_new_tokens=limit)
     with pytest.raises(ValueError, match="uint8"):
         model.describe(np.zeros((64, 64), np.uint8))
+
+
+def test_compiled_decode_gives_the_eager_tokens_seg_hidden_and_masks(golden_dir: Path) -> None:
+    model = GeoPixel.from_pretrained(golden_dir, device="cpu", dtype="fp32")  # own instance: state changes
+    images = [load_image(golden_dir / "images" / "img_800x800.png")]
+    queries = [RRSIS_TEMPLATE.format("red car")]
+    forced = _forced_answer(model, 1)
+    kw = {"hd_num": 1, "max_new_tokens": forced.shape[1], "forced_token_ids": forced}
+    eager = model._run(images, queries, keep_mask_logits=True, **kw)[0]
+    greedy = model.describe(images[0], hd_num=1, max_new_tokens=8).token_ids
+    cache = model.llm.layers[0].attention.kv_cache
+    assert cache is not None and model.llm.cache_len == 1024  # ~900 prompt + 8 new tokens, rounded; kept
+    assert model.compile_decode(backend="aot_eager") is model
+    compiled, calls = model._decode_fn, []
+    assert compiled is not None
+    model._decode_fn = lambda *a, **k: (calls.append(1), compiled(*a, **k))[1]  # type: ignore[assignment]
+    ours = model._run(images, queries, keep_mask_logits=True, **kw)[0]
+    assert len(calls) == forced.shape[1] - 1  # every step after the prefill ran the compiled step
+    assert model.llm.layers[0].attention.kv_cache is cache  # same batch and rounded length: same buffers
+    assert ours.token_ids == eager.token_ids and ours.text == eager.text
+    assert ours.seg_hidden.shape == (1, model.config.llm.hidden_size)
+    assert np.array_equal(ours.seg_hidden, eager.seg_hidden)
+    assert np.array_equal(ours.mask_logits, eager.mask_logits) and np.array_equal(ours.scores, eager.scores)
+    assert model.describe(images[0], hd_num=1, max_new_tokens=8).token_ids == greedy
+    model.free_caches()
+    assert model.llm.layers[0].attention.kv_cache is None and model.llm.cache_len == 0
