@@ -53,6 +53,9 @@ def train_command(
     cache_sam_features: Annotated[
         bool, typer.Option("--cache-sam-features", help="Keep SAM-2 encoder outputs per image (small data).")
     ] = False,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes preparing batches (0: in the main process).")
+    ] = 0,
     no_export: Annotated[
         bool, typer.Option("--no-export", help="Skip writing the merged final/ model.")
     ] = False,
@@ -116,6 +119,7 @@ def train_command(
             save_every=save_every,
             resume=resume,
             cache_sam_features=cache_sam_features,
+            workers=workers,
             export=not no_export,
             progress=verbosity >= 0,
         )

@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from geopixel.grounding import ImageFeatures
 from geopixel.training import LossWeights, TrainBatch, training_forward
 from torch import nn
 
-from geopixel_cli.train.collate import collate, make_example
 from geopixel_cli.train.hd import DEFAULT_HD_NUM
 from geopixel_cli.train.lora import LoraSpec, add_lora, merge_lora, set_frozen_eval, set_trainable
-from geopixel_cli.train.mixture import Position, batch_indices, batches_per_epoch, build_pool, entries_for
-from geopixel_cli.train.records import Record, load_sample
+from geopixel_cli.train.mixture import batches_per_epoch, build_pool, entries_for
 from geopixel_cli.train.state import (
     check_settings,
     latest_checkpoint,
@@ -36,6 +33,7 @@ from geopixel_cli.train.state import (
     make_scheduler,
     save_checkpoint,
 )
+from geopixel_cli.train.stream import BatchStream, StepDataset
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +67,7 @@ class TrainConfig:
         keep_checkpoints: Checkpoints kept.
         resume: Continue from the latest checkpoint in ``output``.
         cache_sam_features: Keep SAM-2 encoder outputs per image (frozen encoder; small datasets).
+        workers: DataLoader worker processes preparing batches (0 = in the training process).
         export: Write the merged released-layout directory ``output/final`` at the end.
         stop_after: Stop (as if killed) after this many steps; the schedule still uses max_steps.
         progress: Show a rich progress bar.
@@ -98,6 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     cache_sam_features: bool = False
+    workers: int = 0
     export: bool = True
     stop_after: int | None = None
     progress: bool = True
@@ -201,55 +201,6 @@ def settings_of(cfg: TrainConfig, *, total_steps: int, warmup: int, world_size: 
     return raw
 
 
-class _Batches:
-    """Builds the micro-batch of a given global micro-step for this rank (optionally caching SAM-2)."""
-
-    def __init__(
-        self, pool: list[Record], model: nn.Module, cfg: TrainConfig, *, rank: int, world: int
-    ) -> None:
-        self.pool, self.model, self.cfg, self.rank, self.world = pool, model, cfg, rank, world
-        self.hd_num = cfg.hd_num or DEFAULT_HD_NUM[cfg.task]
-        self.per_epoch = batches_per_epoch(len(pool), batch_size=cfg.batch_size, world_size=world)
-        self.cache: dict[str, ImageFeatures] = {}
-
-    def get(self, micro_step: int, device: torch.device) -> TrainBatch:
-        pos = Position(micro_step // self.per_epoch, micro_step % self.per_epoch)
-        idx = batch_indices(
-            len(self.pool),
-            pos,
-            seed=self.cfg.seed,
-            batch_size=self.cfg.batch_size,
-            rank=self.rank,
-            world_size=self.world,
-        )
-        recs = [self.pool[i] for i in idx]
-        examples = [
-            make_example(
-                load_sample(r), tokenizer=self.model.tokenizer, config=self.model.config, hd_num=self.hd_num
-            )
-            for r in recs
-        ]
-        batch = collate(examples, pad_id=self.model.config.llm.pad_token_id).to(device)
-        if self.cfg.cache_sam_features:
-            batch.sam_features = self._features(recs, batch)
-            batch.sam_pixels = None
-        return batch
-
-    def _features(self, recs: list[Record], batch: TrainBatch) -> ImageFeatures:
-        missing = [i for i, r in enumerate(recs) if str(r.image) not in self.cache]
-        if missing and batch.sam_pixels is not None:
-            feats = self.model.grounding.encode_images(batch.sam_pixels[missing])
-            for j, i in enumerate(missing):
-                self.cache[str(recs[i].image)] = ImageFeatures(
-                    feats.image_embed[j : j + 1], (feats.high_res[0][j : j + 1], feats.high_res[1][j : j + 1])
-                )
-        parts = [self.cache[str(r.image)] for r in recs]
-        return ImageFeatures(
-            torch.cat([p.image_embed for p in parts]),
-            (torch.cat([p.high_res[0] for p in parts]), torch.cat([p.high_res[1] for p in parts])),
-        )
-
-
 def plan_steps(cfg: TrainConfig, pool_size: int, world: int) -> tuple[int, int]:
     """(total optimizer steps, warmup steps) for the run."""
     per_epoch = batches_per_epoch(pool_size, batch_size=cfg.batch_size, world_size=world)
@@ -302,7 +253,25 @@ def train(cfg: TrainConfig) -> TrainSummary:
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    batches = _Batches(pool, model, cfg, rank=rank, world=world)
+    dataset = StepDataset(
+        pool,
+        tokenizer=model.tokenizer,
+        config=model.config,
+        hd_num=cfg.hd_num or DEFAULT_HD_NUM[cfg.task],
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        length=total * cfg.grad_accum,
+        rank=rank,
+        world=world,
+    )
+    batches = BatchStream(
+        dataset,
+        model,
+        device,
+        start=start * cfg.grad_accum,
+        workers=cfg.workers,
+        cache_sam_features=cfg.cache_sam_features,
+    )
     set_frozen_eval(model)
     end = min(total, cfg.stop_after) if cfg.stop_after else total
     history = _run_steps(
@@ -354,7 +323,7 @@ def _run_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batches: _Batches,
+    batches: BatchStream,
     device: torch.device,
     *,
     start: int,
@@ -380,7 +349,7 @@ def _run_steps(
             t0 = time.perf_counter()
             stats = torch.zeros(4, device=device)
             for micro in range(cfg.grad_accum):
-                batch = batches.get(step * cfg.grad_accum + micro, device)
+                batch = batches.next()
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 ctx = step_module.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
                 with ctx, autocast:
