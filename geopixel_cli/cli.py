@@ -74,14 +74,13 @@ def guarded(verbosity: int, body: Callable[[], None]) -> None:
         raise typer.Exit(1) from None
 
 
-def _batch_size(batch_size: int | None, device: str | None) -> int:
+def _batch_size(batch_size: int | None, device: str | None) -> int | None:
+    """``--batch-size``; None (= chosen from free GPU memory after loading) unless the device is not CUDA."""
     if batch_size is not None:
         return batch_size
-    if device is not None:
-        return 4 if device.startswith("cuda") else 1
-    import torch
-
-    return 4 if torch.cuda.is_available() else 1
+    if device is not None and not device.startswith("cuda"):
+        return 1
+    return None  # the pipeline decides once the model is loaded: from free memory on CUDA, else 1
 
 
 def _slug(text: str) -> str:

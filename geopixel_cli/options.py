@@ -10,6 +10,11 @@ Defaults and why:
 * ``--overlap 100``: gives the model context around every seam (12.5 % of a tile; 31 % more
   tiles than no overlap). Objects longer than the overlap are still joined by the seam merge,
   so the overlap does not need to hold whole objects.
+* ``--batch-size`` (automatic): on CUDA, ``geopixel.memory.auto_batch_size`` shares the free
+  GPU memory out per tile (KV cache of prompt + answer, prefill activations, CLIP crops, SAM-2
+  encoder, plus a 10 % + 2 GiB margin), capped at 32: about 20 tiles of 800 px on an 80 GB card
+  with 1,024-token answers. Bigger batches read the 15 GB of LLM weights once per decode step for
+  more tiles. On CPU batching gains little, so the default is 1.
 * ``--min-valid 0.1``: a tile with less than 10 % valid pixels is skipped (a full model call
   for a sliver of image); its few valid pixels are mostly covered by a neighbour's overlap.
 """
@@ -53,7 +58,14 @@ Overlap = Annotated[
     ),
 ]
 HdNum = Annotated[int, typer.Option(help="Max 560 px crops per tile; 9 = the 3x3 view used in training.")]
-BatchSize = Annotated[int | None, typer.Option(help="Tiles per model call (default: 4 on CUDA, else 1).")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Tiles per model call (default: on CUDA, as many as fit the GPU memory left free after "
+        "loading the model, at most 32, counting KV cache, prefill, CLIP and SAM-2 memory per tile; "
+        "1 on CPU/MPS)."
+    ),
+]
 MinArea = Annotated[float, typer.Option(help="Drop objects smaller than this, in m² (pixels² without CRS).")]
 Simplify = Annotated[float, typer.Option(help="Simplify outlines with this tolerance in map units (0: off).")]
 MinValid = Annotated[float, typer.Option(help="Skip tiles whose valid (non-nodata) fraction is below this.")]

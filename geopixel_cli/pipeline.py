@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,46 @@ GDAL_CACHE_MB = 128  # block cache for the run; see run()
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_batch_size(net: SceneModel, config: RunConfig) -> int:
+    """``config.batch_size``, or when it is None the batch size that fits the model's free GPU memory.
+
+    On CUDA the free memory (``torch.cuda.mem_get_info`` plus what torch's allocator holds unused)
+    is shared out by :func:`geopixel.memory.auto_batch_size` for tiles of ``tile_size`` px at
+    ``hd_num`` with ``max_new_tokens`` answers (at most 32). Anywhere else (CPU, MPS, a model
+    double without a CUDA ``device``) batching gains little and the batch size is 1.
+
+    Args:
+        net: The loaded model.
+        config: Run options.
+
+    Returns:
+        Tiles per model call.
+    """
+    if config.batch_size is not None:
+        return config.batch_size
+    device = getattr(net, "device", None)
+    if getattr(device, "type", None) != "cuda" or not hasattr(net, "config"):
+        return 1
+    import torch
+    from geopixel.memory import auto_batch_size, tile_prompt_tokens
+
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    tokens, crops = tile_prompt_tokens(
+        net.config, width=config.tile_size, height=config.tile_size, hd_num=config.hd_num
+    )
+    size = auto_batch_size(
+        free_bytes=free,
+        config=net.config,
+        prompt_tokens=tokens,
+        max_new_tokens=config.max_new_tokens,
+        dtype=getattr(net, "dtype", torch.bfloat16),
+        crops_per_image=crops,
+    )
+    log.info("batch size %d, chosen from %.1f GB of free GPU memory (--batch-size sets it)", size, free / 1e9)
+    return size
 
 
 def _call_model(net: SceneModel, images: list[Any], config: RunConfig) -> list[Any]:
@@ -90,7 +131,7 @@ def _read_ahead(
             readers.append(local.reader)
         return local.reader.read(tile.window)
 
-    lookahead = 2 * config.batch_size + config.readers
+    lookahead = 2 * (config.batch_size or 1) + config.readers
     pending: deque[tuple[TileSpec, Future[TileData]]] = deque()
     tiles = iter(todo)
     with ThreadPoolExecutor(config.readers, thread_name_prefix="geopixel-read") as pool:
@@ -165,7 +206,7 @@ def process_tiles(
                 writer.put([(tile, data, None)])
                 continue
             batch.append((tile, data))
-            if len(batch) == config.batch_size:
+            if len(batch) >= (config.batch_size or 1):
                 results = _call_model(net, [d.rgb for _, d in batch], config)
                 writer.put([(t, d, r) for (t, d), r in zip(batch, results, strict=True)])
                 batch = []
@@ -316,6 +357,7 @@ def _run(config: RunConfig, model: SceneModel | None) -> RunSummary:
     except BaseException:
         journal.close()
         raise
+    config = replace(config, batch_size=1 if net is None else resolve_batch_size(net, config))
     if not resuming:
         journal.start(header)
     n_resumed = len(records)

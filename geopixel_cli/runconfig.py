@@ -43,7 +43,8 @@ class RunConfig:
         tile_size: Tile window, pixels.
         overlap: Overlap of neighbouring tiles, pixels.
         hd_num: Maximum number of 560 px crops the model cuts a tile into.
-        batch_size: Tiles per model call.
+        batch_size: Tiles per model call; None chooses it from free GPU memory once the model is
+            loaded (1 off CUDA), see :func:`geopixel_cli.pipeline.resolve_batch_size`.
         max_new_tokens: Generation limit per tile.
         min_area: Smallest object kept, m² (pixels² without a CRS).
         simplify: Simplification tolerance, map units (0: none).
@@ -71,7 +72,7 @@ class RunConfig:
     tile_size: int = 800
     overlap: int = 100
     hd_num: int = 9
-    batch_size: int = 1
+    batch_size: int | None = 1
     max_new_tokens: int = 1024
     min_area: float = 0.0
     simplify: float = 0.0
@@ -128,7 +129,8 @@ def validate(config: RunConfig) -> None:
             f"need --tile-size >= 32 and 0 <= --overlap <= tile-size/2 (got {config.tile_size}, "
             f"{config.overlap})"
         )
-    if config.batch_size < 1 or config.hd_num < 1 or config.max_new_tokens < 1:
+    batch = 1 if config.batch_size is None else config.batch_size  # None: chosen after loading
+    if min(batch, config.hd_num, config.max_new_tokens) < 1:
         raise UserError("--batch-size, --hd-num and --max-new-tokens must be at least 1")
     if config.top_k is not None and config.top_k < 1:
         raise UserError("--top-k must be at least 1")

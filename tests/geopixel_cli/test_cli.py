@@ -264,3 +264,15 @@ def test_extra_commands_registered_absent_or_reported(monkeypatch):
     assert runner.invoke(target, ["eval", "--x", "3"]).stdout.strip() == "eval 3"
     bad = runner.invoke(target, ["data"])
     assert bad.exit_code == 1 and "data command is unavailable" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [([], None), (["--device", "cuda:1"], None), (["--device", "mps"], 1), (["--batch-size", "3"], 3)],
+)
+def test_batch_size_left_to_the_pipeline_unless_given_or_not_cuda(tmp_path, monkeypatch, extra, expected):
+    scene = make_scene(tmp_path / "scene.tif")
+    with patch.object(pipeline, "run", return_value=RunSummary(files=[Path("x")])) as fake:
+        result = _invoke(["describe", scene, "-o", tmp_path / "o.gpkg", "--model", "/m", *extra])
+    assert result.exit_code == 0, result.output
+    assert fake.call_args.args[0].batch_size == expected  # None: chosen from free GPU memory after loading

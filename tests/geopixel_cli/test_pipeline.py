@@ -305,3 +305,38 @@ def test_failed_write_leaves_nothing_and_keeps_journal(tmp_path, monkeypatch):
     model = ScriptedModel()
     run(_config(scene, out, resume=True), model=model)  # only the write is redone
     assert model.calls == [] and len(pyogrio.read_dataframe(out, layer="objects")) == len(RECTS)
+
+
+def test_batch_size_chosen_from_free_gpu_memory(tmp_path, monkeypatch, caplog):
+    import torch
+    from geopixel import GeoPixelConfig
+    from geopixel.memory import auto_batch_size, tile_prompt_tokens
+
+    from geopixel_cli.pipeline import resolve_batch_size
+
+    scene = make_scene(tmp_path / "scene.tif", width=517, height=433, rects=RECTS)
+    model = ScriptedModel()  # a CUDA-looking double: the real 7B sizes, no GPU touched
+    model.device, model.dtype = torch.device("cuda", 0), torch.bfloat16
+    model.config = GeoPixelConfig.from_name("geopixel-7b")
+    free, held_unused = 12e9, 2e9  # 14 GB: a few tiles (200 px tiles still get the 3x3 grid), not all 9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), int(80e9)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(held_unused + 1e9))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(1e9))
+    tokens, crops = tile_prompt_tokens(model.config, width=200, height=200, hd_num=9)
+    expected = auto_batch_size(
+        free_bytes=int(free + held_unused),
+        config=model.config,
+        prompt_tokens=tokens,
+        max_new_tokens=1024,
+        dtype=torch.bfloat16,
+        crops_per_image=crops,
+    )
+    assert 1 < expected < 9
+    config = _config(scene, tmp_path / "out.gpkg", batch_size=None)
+    assert resolve_batch_size(model, config) == expected
+    assert resolve_batch_size(model, _config(scene, tmp_path / "x.gpkg", batch_size=3)) == 3  # explicit
+    assert resolve_batch_size(ScriptedModel(), config) == 1  # no CUDA device: 1
+    with caplog.at_level(logging.INFO, logger="geopixel_cli"):
+        run(config, model=model)
+    assert model.calls[0] == expected and sum(model.calls) == 9
+    assert f"batch size {expected}, chosen from 14.0 GB" in caplog.text
