@@ -1,9 +1,13 @@
 """Inference speed of the GeoPixel network with random weights at the real 7B dimensions.
 
-Prints decode tokens/s at batch 1, 4 and 16 (eager and ``torch.compile``d decode step), prefill
-time of a 4,081-image-token prompt, CLIP over 10 crops, SAM-2 encoder + decoder, end-to-end
-``describe_batch`` tiles/s with fixed-length answers, the same-sized LlamaForCausalLM through
-transformers' generic ``generate`` as a baseline ratio, and peak GPU memory.
+Prints decode tokens/s at batch 1, 4 and 16 (eager and ``torch.compile``d decode step, the same
+``geopixel.generate.compile_decode_step`` that ``GeoPixel.compile_decode`` uses), prefill time of a
+4,081-image-token prompt, CLIP over 10 crops, SAM-2 encoder + decoder, end-to-end
+``describe_batch`` tiles/s with fixed-length answers at batch 1 and at the batch size
+``geopixel.memory.auto_batch_size`` picks from free GPU memory (eager and compiled decode), the
+same-sized LlamaForCausalLM through transformers' generic ``generate`` as a baseline ratio, peak
+GPU memory, and the physical limits (``limit_*``) for the ``--bandwidth``/``--flops`` given
+(default: H100 SXM, 3.35 TB/s and 989 TFLOP/s bf16 dense).
 
 No checkpoint is needed: the model is built on the meta device, materialised on the target device
 and filled with small random values (speed does not depend on the values; the answer length is fixed
@@ -27,7 +31,8 @@ import numpy as np
 import torch
 from geopixel import GeoPixel, GeoPixelConfig
 from geopixel.checkpoint import materialize_buffers, parse_dtype
-from geopixel.generate import decode_one_token, prefill, setup_caches
+from geopixel.generate import compile_decode_step, decode_one_token, prefill, setup_caches
+from geopixel.memory import auto_batch_size, limits, tile_prompt_tokens
 from geopixel.tokenizer import GeoPixelTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,15 +85,11 @@ def bench_decode(model: GeoPixel, *, batch: int, prompt_len: int, steps: int, co
     """Tokens/s of the decode step at ``batch`` rows after a ``prompt_len`` prefill."""
     llm, dev, dt = model.llm, model.device, model.dtype
     width = model.config.llm.hidden_size
-    setup_caches(llm, batch=batch, max_len=prompt_len + steps + 1, dtype=dt, device=dev)
+    setup_caches(llm, batch=batch, max_len=prompt_len + steps + 1, dtype=dt, device=dev, static=compiled)
     x = torch.randn(batch, prompt_len, width, device=dev, dtype=dt) * 0.02
     with torch.no_grad():
         prefill(llm, x, im_mask=None, pad=None)
-    step = (
-        torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-        if compiled
-        else decode_one_token
-    )
+    step = compile_decode_step() if compiled else decode_one_token
     pad = torch.zeros(batch, dtype=torch.long, device=dev)
     tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
 
@@ -96,6 +97,8 @@ def bench_decode(model: GeoPixel, *, batch: int, prompt_len: int, steps: int, co
         pos = torch.tensor([prompt_len], device=dev)
         with torch.no_grad():
             for _ in range(steps):
+                if compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
                 _, logits = step(llm, llm.tok_embeddings(tok), input_pos=pos, pad=pad)
                 tok.copy_(logits.argmax(-1, keepdim=True))
                 pos += 1
@@ -157,18 +160,70 @@ def bench_sam(model: GeoPixel, *, n_seg: int) -> tuple[float, float]:
 def bench_describe(
     model: GeoPixel, *, batch: int, tiles: int, tile: int, new_tokens: int, hd_num: int
 ) -> float:
-    """Tiles/s of ``describe_batch`` on random ``tile``² tiles with answers of exactly ``new_tokens``."""
+    """Tiles/s of ``describe_batch`` on random ``tile``² tiles with answers of exactly ``new_tokens``.
+
+    One untimed batch first (CUDA/cuBLAS start-up, cache allocation, compilation of the decode
+    step for this batch shape when ``model.compile_decode()`` was called).
+    """
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (tile, tile, 3), dtype=np.uint8) for _ in range(tiles)]
     # Random weights almost never emit EOS; keep the length fixed regardless.
     eos = model.config.llm.eos_token_id
     with torch.no_grad():
         model.llm.output.weight[eos].fill_(-1.0)
+    model.describe_batch(images[:batch], hd_num=hd_num, max_new_tokens=new_tokens)
+    sync(model.device)
     start = time.perf_counter()
     for i in range(0, tiles, batch):
         model.describe_batch(images[i : i + batch], hd_num=hd_num, max_new_tokens=new_tokens)
     sync(model.device)
     return tiles / (time.perf_counter() - start)
+
+
+def free_memory(device: torch.device) -> int:
+    """Free device bytes, counting what torch's caching allocator holds unused (as the CLI does)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def describe_rows(
+    model: GeoPixel, out: dict[str, object], *, quick: bool, compile_too: bool, new_tokens: int
+) -> None:
+    """``describe_batch`` tiles/s at batch 1 and at the batch size chosen from free memory."""
+    dev, tile, hd_num = model.device, 800, 9
+    model.free_caches()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        tokens, crops = tile_prompt_tokens(model.config, width=tile, height=tile, hd_num=hd_num)
+        free = free_memory(dev)
+        auto = auto_batch_size(
+            free_bytes=free,
+            config=model.config,
+            prompt_tokens=tokens,
+            max_new_tokens=new_tokens,
+            dtype=model.dtype,
+            crops_per_image=crops,
+        )
+        out["free_gib_before_describe"], out["auto_batch_size"] = free / 2**30, auto
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        auto = 2  # CPU smoke run: just exercise batching
+    kw = {"tile": tile, "new_tokens": new_tokens, "hd_num": hd_num}
+    out[f"describe_tiles_s_b1_{new_tokens}tok"] = bench_describe(
+        model, batch=1, tiles=2 if quick else 8, **kw
+    )
+    model.free_caches()
+    tiles = 2 * auto  # two timed batches of the same shape after the warm-up batch
+    out[f"describe_tiles_s_b{auto}_{new_tokens}tok"] = bench_describe(model, batch=auto, tiles=tiles, **kw)
+    if compile_too:
+        model.free_caches()
+        model.compile_decode()
+        out[f"describe_tiles_s_b{auto}_{new_tokens}tok_compiled"] = bench_describe(
+            model, batch=auto, tiles=tiles, **kw
+        )
+    if dev.type == "cuda":
+        out["peak_gpu_gib_describe"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    model.free_caches()
 
 
 def bench_baseline(
@@ -213,6 +268,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--bandwidth", type=float, default=3.35e12, help="B/s for the limit_* rows")
+    parser.add_argument("--flops", type=float, default=989e12, help="FLOP/s for the limit_* rows")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -242,15 +299,23 @@ def main() -> None:
     out["clip_ms_10_crops"] = bench_clip(model, crops=10)
     enc_ms, dec_ms = bench_sam(model, n_seg=8)
     out["sam2_encoder_ms"], out["sam2_decoder_ms_8_prompts"] = enc_ms, dec_ms
-    new_tokens = 32 if args.quick else 300
-    tiles = 4 if args.quick else 32
-    for batch in (1, 4) if args.quick else (1, 8, 16):
-        out[f"describe_tiles_s_b{batch}_{new_tokens}tok"] = bench_describe(
-            model, batch=batch, tiles=tiles, tile=800, new_tokens=new_tokens, hd_num=9
-        )
-    model.llm.clear_caches()
     if device.type == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    new_tokens = 32 if args.quick else 300
+    describe_rows(model, out, quick=args.quick, compile_too=not args.no_compile, new_tokens=new_tokens)
+    batches = (1, 4) if args.quick else (1, 4, 16)
+    bound = limits(
+        cfg.llm,
+        bandwidth=args.bandwidth,
+        flops=args.flops,
+        context=prompt_len + steps // 2,
+        batches=batches,
+        prompt_tokens=prompt_len,
+        image_tokens=n_image,
+        dtype=dtype,
+    )
+    out["limit_assumes"] = f"{args.bandwidth / 1e12:g} TB/s, {args.flops / 1e12:g} TFLOP/s ({dtype})"
+    out.update({f"limit_{k}": v for k, v in bound.items()})
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
