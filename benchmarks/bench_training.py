@@ -1,4 +1,4 @@
-"""Proof that training learns: tiny GeoPixel on synthetic referring-segmentation data, CPU.
+"""Proof that training learns: tiny GeoPixel on synthetic GeoPixelD-format data, CPU.
 
 Generates a synthetic training set and a disjoint held-out set (different seed), measures the
 held-out teacher-forced mask mIoU of the starting checkpoint (the tiny random-weight golden
@@ -7,7 +7,7 @@ model), runs `geopixel train`'s loop for a few minutes, reloads the merged expor
 OUT/bench_training.json).
 
 Usage:
-    python benchmarks/bench_training.py [--steps 600] [--n-train 160] [--lr 1e-3] [--out DIR]
+    python benchmarks/bench_training.py [--task gcg|rrsis] [--steps 600] [--n-train 120] [--lr 1e-3]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--task", choices=("gcg", "rrsis"), default="gcg")
+    parser.add_argument("--hd-num", type=int, default=1)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-val", type=int, default=16)
@@ -53,12 +55,14 @@ def main() -> None:
     val_set = write_dataset(
         out / "val_data", n=args.n_val, seed=2, size=args.size, object_scale=args.object_scale
     )
-    val = read_json_list(val_set["rrsis"])
+    kind = "gcg" if args.task == "gcg" else "rrsis"
+    val = read_json_list(val_set[kind])
     cfg = TrainConfig(
-        data=train_set["rrsis"],
+        data=train_set[kind],
         model=args.model,
         output=out / "run",
-        task="rrsis",
+        task=args.task,
+        hd_num=args.hd_num,
         max_steps=args.steps,
         lr=args.lr,
         warmup_steps=args.warmup,
@@ -67,7 +71,7 @@ def main() -> None:
         progress=True,
         seed=0,
     )
-    before = evaluate_masks(load_model(cfg, torch.device("cpu")), val, hd_num=1)
+    before = evaluate_masks(load_model(cfg, torch.device("cpu")), val, hd_num=args.hd_num)
     t0 = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - t0
@@ -75,7 +79,7 @@ def main() -> None:
 
     assert summary.export_dir is not None
     after = evaluate_masks(
-        GeoPixel.from_pretrained(summary.export_dir, device="cpu", dtype="fp32"), val, hd_num=1
+        GeoPixel.from_pretrained(summary.export_dir, device="cpu", dtype="fp32"), val, hd_num=args.hd_num
     )
     every = max(args.steps // 12, 1)
     curve = [
@@ -84,6 +88,9 @@ def main() -> None:
         if r["step"] % every == 0 or r["step"] == 1
     ]
     result = {
+        "task": args.task,
+        "hd_num": args.hd_num,
+        "lr": args.lr,
         "steps": args.steps,
         "n_train": args.n_train,
         "n_val_masks": after.n_masks,
