@@ -354,10 +354,10 @@ def _run(config: RunConfig, model: SceneModel | None) -> RunSummary:
             if model is not None or not todo
             else load_model(config.model, device=config.device, dtype=config.dtype)
         )
+        config = replace(config, batch_size=1 if net is None else resolve_batch_size(net, config))
     except BaseException:
         journal.close()
         raise
-    config = replace(config, batch_size=1 if net is None else resolve_batch_size(net, config))
     if not resuming:
         journal.start(header)
     n_resumed = len(records)
