@@ -60,12 +60,12 @@ def test_training_layout_and_labels(golden_forward):
 
 def test_losses_equal_golden(golden_forward):
     _, _, out, ref, _ = golden_forward
-    assert float(out.ce) == pytest.approx(ref["ce_loss_weighted"], rel=1e-5)
-    assert float(out.bce) == pytest.approx(ref["mask_bce_loss_weighted"], rel=1e-5)
-    assert float(out.dice) == pytest.approx(ref["mask_dice_loss_weighted"], rel=1e-5)
-    assert float(out.bce_unweighted) == pytest.approx(ref["mask_bce_loss_unweighted"], rel=1e-5)
-    assert float(out.dice_unweighted) == pytest.approx(ref["mask_dice_loss_unweighted"], rel=1e-5)
-    assert float(out.loss) == pytest.approx(ref["total_loss"], rel=1e-5)
+    assert float(out.ce.detach()) == pytest.approx(ref["ce_loss_weighted"], rel=1e-5)
+    assert float(out.bce.detach()) == pytest.approx(ref["mask_bce_loss_weighted"], rel=1e-5)
+    assert float(out.dice.detach()) == pytest.approx(ref["mask_dice_loss_weighted"], rel=1e-5)
+    assert float(out.bce_unweighted.detach()) == pytest.approx(ref["mask_bce_loss_unweighted"], rel=1e-5)
+    assert float(out.dice_unweighted.detach()) == pytest.approx(ref["mask_dice_loss_unweighted"], rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(ref["total_loss"], rel=1e-5)
 
 
 def test_seg_embeddings_and_low_res_masks(golden_forward):
