@@ -1,6 +1,6 @@
 """Write a synthetic GeoPixelD-format dataset (buildings, roads, bridges, storage tanks, ships).
 
-Usage: python examples/make_synthetic_dataset.py OUT --n N --seed S [--size 512]
+Usage: python examples/make_synthetic_dataset.py OUT --n N --seed S [--size 512] [--object-scale 1]
 
 OUT gets train/*.png + per-patch polygon JSON, GeoPixelD.json (grounded descriptions),
 rrsis.json (referring segmentation, COCO RLE) and data.txt; train on it with
@@ -23,8 +23,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--object-scale", type=float, default=1.0, help="multiplier on object sizes")
     args = parser.parse_args()
-    paths = write_dataset(args.out, n=args.n, seed=args.seed, size=args.size)
+    paths = write_dataset(args.out, n=args.n, seed=args.seed, size=args.size, object_scale=args.object_scale)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
 

@@ -79,13 +79,14 @@ def synth_command(
     n: Annotated[int, typer.Option("--n", help="Number of scenes.")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
+    object_scale: Annotated[float, typer.Option(help="Multiplier on object sizes.")] = 1.0,
 ) -> None:
     """Write synthetic GeoPixelD-format data (buildings, roads, bridges, storage tanks, ships)."""
 
     def body() -> None:
         from geopixel_cli.train.synthetic import write_dataset
 
-        for kind, path in write_dataset(output, n=n, seed=seed, size=size).items():
+        for kind, path in write_dataset(output, n=n, seed=seed, size=size, object_scale=object_scale).items():
             typer.echo(f"{kind}: {path}")
 
     _guard(body)
