@@ -156,9 +156,9 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     assert resolve_model("/x", "segment") == "/x"
 
 
-@pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="golden tiny checkpoint not present")
 @pytest.mark.parametrize("command", ["describe", "segment"])
 def test_end_to_end_with_tiny_checkpoint(tmp_path, monkeypatch, command):
+    assert (TINY / "model.safetensors").exists(), f"golden checkpoint missing: {TINY} (needs ../shared)"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     scene = make_scene(
         tmp_path / "scene.tif",
