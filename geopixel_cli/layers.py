@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,22 @@ OBJECT_FIELDS = (
 
 
 @dataclass(frozen=True)
+class _Measure:
+    """How to measure CRS geometries: geodesic through ``to_lonlat`` + ``geod``, else planar × ``factor``."""
+
+    to_lonlat: Any  # pyproj Transformer, CRS -> its geographic (lon, lat) CRS; None: planar
+    geod: Any  # pyproj Geod of that CRS's ellipsoid; None: planar
+    factor: float  # metres per CRS unit (planar fallback)
+
+
+@dataclass(frozen=True)
 class Georef:
     """How scene pixels map to the CRS, and how to measure in metres.
+
+    Areas and perimeters are geodesic (on the ellipsoid of the CRS's datum) for every CRS with a
+    geographic base: geographic CRSs and every projection (a conformal projection such as Web
+    Mercator inflates areas by 4x at 60° latitude, so planar measures would be wrong). A CRS
+    without a datum (a local engineering CRS) is measured in the plane, in its linear unit.
 
     Args:
         crs_wkt: Scene CRS as WKT, or None (pixel coordinates, metrics undefined).
@@ -67,18 +82,38 @@ class Georef:
         a, b, c, d, e, f = self.transform
         return affine_transform(geom, [a, b, d, e, c, f])
 
-    def metrics(self, geom: Any) -> tuple[float, float]:
-        """``(area m², perimeter m)`` of a CRS geometry: geodesic for geographic CRSs; NaN without CRS."""
-        from pyproj import CRS
+    @cached_property
+    def _measure(self) -> _Measure | None:
+        """Built once per Georef (parsing the CRS and building a transformer is slow)."""
+        from pyproj import CRS, Transformer
 
         if self.crs_wkt is None:
-            return math.nan, math.nan
+            return None
         crs = CRS.from_wkt(self.crs_wkt)
-        if crs.is_geographic:
-            area, perimeter = crs.get_geod().geometry_area_perimeter(geom)
-            return abs(float(area)), float(perimeter)
+        base = crs.geodetic_crs
+        if base is not None and base.is_geographic:
+            to_lonlat = Transformer.from_crs(crs, base, always_xy=True)
+            return _Measure(to_lonlat, base.get_geod(), 1.0)
         factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-        return float(geom.area) * factor**2, float(geom.length) * factor
+        return _Measure(None, None, factor)
+
+    def metrics(self, geom: Any) -> tuple[float, float]:
+        """``(area m², perimeter m)`` of a CRS geometry: geodesic with a datum; NaN without CRS."""
+        import shapely
+
+        measure = self._measure
+        if measure is None:
+            return math.nan, math.nan
+        if measure.geod is None:
+            return float(geom.area) * measure.factor**2, float(geom.length) * measure.factor
+        to_lonlat = measure.to_lonlat
+
+        def lonlat(xy: np.ndarray) -> np.ndarray:  # (N, 2) CRS -> (N, 2) lon, lat
+            lon, lat = to_lonlat.transform(xy[:, 0], xy[:, 1])
+            return np.column_stack([lon, lat])
+
+        area, perimeter = measure.geod.geometry_area_perimeter(shapely.transform(geom, lonlat))
+        return abs(float(area)), float(perimeter)
 
 
 def check_output(path: Path, *, overwrite: bool, resume: bool = False) -> None:
