@@ -52,7 +52,9 @@ def run_eval(
         predictions: Saved predictions (gcg: folder of ``<image_id>.json`` or one JSON list;
             rrsis: ``predictions.json``). Exclusive with ``model``.
         model: A loaded GeoPixel (object with ``describe_batch``/``segment_batch``) or a model
-            directory / hub id to load. Exclusive with ``predictions``.
+            directory / hub id, loaded by :func:`geopixel_cli.loader.load_model` once the ground
+            truth is read and the ``save_predictions`` destination is checked. Exclusive with
+            ``predictions``.
         text_model: Recall's text model (see :func:`~geopixel_cli.eval.textsim.resolve_text_model`).
         similarity: Inject a similarity function instead (e.g. precomputed matrices in tests).
         similarity_variant: Report key of the injected similarity's Recall.
@@ -80,10 +82,8 @@ def run_eval(
     if predictions is not None and save_predictions is not None:
         raise EvalError("--save-predictions only applies when running a model (--model)")
     if isinstance(model, str | Path):
-        from geopixel_cli.eval.predict import load_model
-
-        model = load_model(str(model), device=device, dtype=dtype)
-    run = dict(
+        model = _Lazy(str(model), device, dtype)
+    run: dict[str, Any] = dict(
         model=model,
         predictions=predictions,
         save=save_predictions,
@@ -98,6 +98,23 @@ def run_eval(
     return _gcg(
         data, sims=sims, splits_file=splits_file, max_new_tokens=max_new_tokens or 1024, say=say, **run
     )
+
+
+class _Lazy:
+    """A model named by directory or hub id, loaded only once the inputs and outputs are checked."""
+
+    def __init__(self, name: str, device: str | None, dtype: str | None) -> None:
+        self.name, self.device, self.dtype = name, device, dtype
+
+    def load(self) -> Any:
+        from geopixel_cli.loader import load_model  # errors are one-line UserErrors
+
+        return load_model(self.name, device=self.device, dtype=self.dtype)
+
+
+def _ready(model: Any) -> Any:
+    """The loaded model (loads a :class:`_Lazy` one)."""
+    return model.load() if isinstance(model, _Lazy) else model
 
 
 def _similarities(
@@ -145,10 +162,12 @@ def _gcg(
         if extra:
             say(f"ignored {len(extra)} prediction(s) without a GT image, e.g. {extra[0]}")
     else:
-        from geopixel_cli.eval.predict import predict_gcg, save_gcg_predictions
+        from geopixel_cli.eval.predict import check_gcg_destination, predict_gcg, save_gcg_predictions
 
+        if save is not None:
+            check_gcg_destination(save, [im.image_id for im in images], overwrite=overwrite)
         preds = predict_gcg(
-            model,
+            _ready(model),
             images,
             batch_size=batch_size,
             hd_num=hd_num,
@@ -197,10 +216,12 @@ def _rrsis(
         if extra:
             say(f"ignored {len(extra)} prediction(s) without a GT sample, e.g. {extra[0]}")
     else:
-        from geopixel_cli.eval.predict import predict_rrsis, save_rrsis_predictions
+        from geopixel_cli.eval.predict import check_rrsis_destination, predict_rrsis, save_rrsis_predictions
 
+        if save is not None:
+            check_rrsis_destination(save, overwrite=overwrite)
         preds = predict_rrsis(
-            model,
+            _ready(model),
             samples,
             batch_size=batch_size,
             hd_num=hd_num,

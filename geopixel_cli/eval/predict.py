@@ -47,23 +47,6 @@ class Model(Protocol):
         ...
 
 
-def load_model(name_or_path: str, *, device: str | None, dtype: str | None) -> Model:
-    """Load ``geopixel.GeoPixel`` (imported here so the scoring path never needs torch).
-
-    Args:
-        name_or_path: Checkpoint directory or hub id.
-        device: Torch device or None for automatic.
-        dtype: ``bf16`` / ``fp16`` / ``fp32`` or None for automatic.
-
-    Returns:
-        The model in eval mode.
-    """
-    from geopixel import GeoPixel
-
-    model: Model = GeoPixel.from_pretrained(name_or_path, device=device, dtype=dtype)
-    return model
-
-
 def read_rgb(path: Path | None, *, where: str, size: tuple[int, int]) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB and check it has the ground truth's size.
 
@@ -215,6 +198,42 @@ class _progress:
             self.bar.stop()
 
 
+def check_gcg_destination(folder: Path, image_ids: list[str], *, overwrite: bool) -> None:
+    """Refuse a ``--save-predictions`` folder that cannot take one ``<image_id>.json`` per image.
+
+    Called before the model runs, so a clash costs nothing.
+
+    Args:
+        folder: Output folder (may not exist yet).
+        image_ids: The images that will be predicted.
+        overwrite: Replace existing files; otherwise an existing file is an error.
+
+    Raises:
+        EvalError: ``folder`` is a file, or holds a prediction file of these images.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise EvalError(f"--save-predictions {folder} is a file; gcg predictions go to a folder")
+    clashes = [i for i in image_ids if (folder / f"{i}.json").exists()]
+    if clashes and not overwrite:
+        raise EvalError(f"{folder / (clashes[0] + '.json')} exists (use --overwrite)")
+
+
+def check_rrsis_destination(path: Path, *, overwrite: bool) -> None:
+    """Refuse a ``--save-predictions`` file that exists (without ``overwrite``) or is a folder.
+
+    Args:
+        path: Output JSON file.
+        overwrite: Replace an existing file.
+
+    Raises:
+        EvalError: On a clash.
+    """
+    if path.is_dir():
+        raise EvalError(f"--save-predictions {path} is a folder; rrsis predictions go to one JSON file")
+    if path.exists() and not overwrite:
+        raise EvalError(f"{path} exists (use --overwrite)")
+
+
 def save_gcg_predictions(preds: dict[str, GcgPrediction], folder: Path, *, overwrite: bool = False) -> None:
     """Write one ``<image_id>.json`` per image (the layout ``--predictions`` reads back).
 
@@ -223,10 +242,8 @@ def save_gcg_predictions(preds: dict[str, GcgPrediction], folder: Path, *, overw
         folder: Output folder (created).
         overwrite: Replace existing files; otherwise an existing file is an error.
     """
+    check_gcg_destination(folder, list(preds), overwrite=overwrite)
     folder.mkdir(parents=True, exist_ok=True)
-    clashes = [i for i in preds if (folder / f"{i}.json").exists()]
-    if clashes and not overwrite:
-        raise EvalError(f"{folder / (clashes[0] + '.json')} exists (use --overwrite)")
     for image_id, pred in preds.items():
         (folder / f"{image_id}.json").write_text(json.dumps(pred.to_json()))
 
@@ -239,8 +256,7 @@ def save_rrsis_predictions(preds: dict[str, Rle], path: Path, *, overwrite: bool
         path: Output JSON file.
         overwrite: Replace an existing file.
     """
-    if path.exists() and not overwrite:
-        raise EvalError(f"{path} exists (use --overwrite)")
+    check_rrsis_destination(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [{"sample_id": sid, "mask": rle} for sid, rle in preds.items()]
     path.write_text(json.dumps({"predictions": records}))

@@ -195,3 +195,42 @@ def test_cli_runs_the_real_tiny_geopixel(rrsis_with_images: Path, tmp_path: Path
     assert got["num_samples"] == 2
     rescored = run_eval("rrsis", rrsis_with_images, predictions=saved)
     assert rescored["per_sample_iou"] == got["per_sample_iou"]
+
+
+def test_cli_missing_model_is_one_line(rrsis_with_images: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--task", "rrsis", "--data", str(rrsis_with_images), "--model", str(tmp_path / "nope")],
+    )
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "not found" in lines[0], lines
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_save_predictions_clash_refused_before_the_model_runs(
+    gcg_with_images: Path, rrsis_with_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geopixel_cli import loader
+    from geopixel_cli.eval.errors import EvalError
+
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    model = OracleModel(rrsis=load_rrsis_ground_truth(rrsis_with_images))
+    with pytest.raises(EvalError, match="taken.json exists"):
+        run_eval("rrsis", rrsis_with_images, model=model, save_predictions=taken)
+    assert model.calls == []
+    folder = tmp_path / "gcg_preds"
+    folder.mkdir()
+    (folder / "P0104_0_200_0_200.json").write_text("{}")
+    model = OracleModel(gcg=load_gcg_ground_truth(gcg_with_images))
+    with pytest.raises(EvalError, match="P0104_0_200_0_200.json exists"):
+        run_eval("gcg", gcg_with_images, model=model, text_model="iou-only", save_predictions=folder)
+    assert model.calls == []
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the destination was checked")
+
+    monkeypatch.setattr(loader, "load_model", no_load)
+    with pytest.raises(EvalError, match="taken.json exists"):
+        run_eval("rrsis", rrsis_with_images, model=str(TINY), save_predictions=taken)
