@@ -234,7 +234,8 @@ class Attention(nn.Module):
     ``wqkv`` output rows are laid out as (kv_heads, groups + 2, head_dim): for KV group g the
     slots 0..groups-1 are query heads ``g*groups + s``, slot ``groups`` is key head g and slot
     ``groups + 1`` value head g. Query head h therefore uses KV head ``h // groups``, which is
-    what SDPA's ``enable_gqa`` (repeat-interleave of KV heads) computes.
+    what SDPA's ``enable_gqa`` (repeat-interleave of KV heads) computes. See
+    :func:`gqa_attention` for the SDPA call of each case.
     """
 
     def __init__(self, config: LLMConfig, *, lora_dropout: float) -> None:
@@ -267,11 +268,50 @@ class Attention(nn.Module):
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             if attend_cache:
                 k, v = k_all, v_all  # (B, kvh, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=cfg.num_groups > 1
-        )  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(bsz, seqlen, cfg.num_heads * cfg.head_dim)  # (B, T, H*hd)
+        y = gqa_attention(q, k, v, attn_mask=attn_mask, groups=cfg.num_groups)  # (B, T, H*hd)
         return self.wo(y, im_mask)
+
+
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, groups: int) -> Tensor:
+    """Grouped-query SDPA shaped so that CUDA never falls back to the math kernel.
+
+    On CUDA, ``enable_gqa`` is only supported by the flash and math kernels, and flash takes no
+    mask, so ``enable_gqa`` together with a mask runs the math kernel (K/V repeated, fp32 score
+    matrices). Three cases avoid it:
+
+    * no mask (unpadded prefill, training without padding): ``is_causal`` + ``enable_gqa``
+      (flash);
+    * one query token with a mask (decode): the ``groups`` query heads of each KV head are folded
+      into the query-length dimension, q (B, H, 1, hd) -> (B, kvh, groups, hd), and attend over
+      k, v (B, kvh, S, hd) with the mask broadcast as (B, 1, 1, S): plain multi-head attention
+      with a mask (memory-efficient kernel), no K/V copy;
+    * several query tokens with a mask (padded prefill or training): K/V are expanded to H heads
+      (``repeat_interleave``, the grouped layout) and SDPA runs with the mask
+      (memory-efficient kernel).
+
+    Args:
+        q: Queries (B, H, T, hd), head ``h`` using KV head ``h // groups``.
+        k: Keys (B, kvh, S, hd).
+        v: Values (B, kvh, S, hd).
+        attn_mask: Boolean "may attend" mask broadcastable to (B, 1, T, S), or None for causal.
+        groups: Query heads per KV head (H / kvh).
+
+    Returns:
+        The attended values (B, T, H*hd), heads in order.
+    """
+    bsz, heads, seqlen, hd = q.shape
+    if attn_mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)  # (B, H, T, hd)
+    elif seqlen == 1 and groups > 1:
+        folded = q.reshape(bsz, k.shape[1], groups, hd)  # (B, kvh, groups, hd): head = kv*groups + s
+        mask = attn_mask.reshape(attn_mask.shape[0], 1, 1, attn_mask.shape[-1])  # (B|1, 1, 1, S)
+        y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # (B, kvh, groups, hd)
+        return y.reshape(bsz, 1, heads * hd)
+    else:
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, hd)
+    return y.transpose(1, 2).reshape(bsz, seqlen, heads * hd)  # (B, T, H*hd)
 
 
 class FeedForward(nn.Module):

@@ -14,6 +14,7 @@ from geopixel.llm import (
     InternLM2,
     PLoRALinear,
     RMSNorm,
+    gqa_attention,
     llm_state_dict,
     padding_mask,
     rope_base,
@@ -242,3 +243,90 @@ def test_right_and_left_padded_batches_equal_single_rows(golden_dir: Path) -> No
         torch.testing.assert_close(right[b, :n], singles[b], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(left[b, 8 - n :], singles[b], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(right).all() and torch.isfinite(left).all()
+
+
+def _old_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, g: int
+) -> torch.Tensor:
+    """The previous call: ``enable_gqa`` with or without a mask (math kernel on CUDA when masked)."""
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=g > 1)
+    return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_attention_equals_enable_gqa_sdpa_for_decode_padded_and_plain_prefill(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    bsz, kvh, g, hd, seqlen, slots = 3, 2, 4, 16, 7, 12
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    k, v = rand(bsz, kvh, slots, hd), rand(bsz, kvh, slots, hd)
+    pad = torch.tensor([0, 2, 5])
+    # Decode: one query against the cache, rows masked at their pads and past the current slot.
+    q1 = rand(bsz, kvh * g, 1, hd)
+    s = torch.arange(slots)
+    may = ((s[None] >= pad[:, None]) & (s[None] <= 9))[:, None, None, :]  # (B, 1, 1, S)
+    ours, old = gqa_attention(q1, k, v, attn_mask=may, groups=g), _old_sdpa(q1, k, v, may, g)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours, old, **tol)
+    # Padded prefill: left-padded causal mask over this call's keys.
+    q, kp, vp = rand(bsz, kvh * g, seqlen, hd), k[:, :, :seqlen], v[:, :, :seqlen]
+    mask = padding_mask(torch.arange(seqlen)[None] >= pad[:, None])  # (B, 1, T, T)
+    ours = gqa_attention(q, kp, vp, attn_mask=mask, groups=g)
+    torch.testing.assert_close(ours, _old_sdpa(q, kp, vp, mask, g), **tol)
+    # Unpadded prefill: unchanged call.
+    assert torch.equal(gqa_attention(q, kp, vp, attn_mask=None, groups=g), _old_sdpa(q, kp, vp, None, g))
+
+
+def test_no_sdpa_call_combines_enable_gqa_with_a_mask(
+    golden_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode and padded prefill must not take the math-only ``enable_gqa`` + mask route."""
+    from geopixel.generate import generate
+
+    model = random_llm(GeoPixelConfig.from_dir(golden_dir).llm)
+    calls: list[tuple[bool, bool, int]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+        calls.append((kw.get("attn_mask") is not None, bool(kw.get("enable_gqa", False)), q.shape[1]))
+        return sdpa(q, k, v, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    rows = [torch.randn(n, model.config.hidden_size) for n in (6, 9)]
+    generate(model, None, rows, max_new_tokens=3, seg_id=0)
+    masked = [c for c in calls if c[0]]
+    assert masked and not any(gqa for _, gqa, _ in masked)
+    heads, kvh = model.config.num_heads, model.config.num_kv_heads
+    assert {h for _, _, h in masked} == {heads, kvh}  # padded prefill (H heads), decode (folded: kvh)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks which SDPA kernels run there")
+def test_cuda_decode_and_prefill_need_no_math_kernel() -> None:
+    """With only the flash and memory-efficient kernels allowed, a math fallback raises."""
+    from geopixel.generate import generate
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Head width 64 (the kernels' alignment rules); 8 query heads on 2 KV heads as in the 7B model.
+    cfg = LLMConfig(vocab_size=128, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=2,
+                    intermediate_size=256, plora_r=4, plora_alpha=4)
+    model = random_llm(cfg).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randn(n, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16) for n in (37, 50)]
+    forced = torch.randint(3, 128, (2, 6), generator=gen)
+    kw = {"max_new_tokens": 6, "seg_id": 4, "forced_token_ids": forced}
+    reference = generate(model, None, rows, **kw)  # default kernel choice
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        padded = generate(model, None, rows, **kw)  # padded prefill + masked decode
+        single = generate(model, None, rows[1:], **{**kw, "forced_token_ids": forced[1:]})  # unpadded
+    assert padded.token_ids == reference.token_ids == forced.tolist()
+    forced_seg = torch.tensor([[5, 4, 6, 4, 7, 2]] * 2)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        segs = generate(model, None, rows, **{**kw, "forced_token_ids": forced_seg})
+    eager = generate(model, None, rows, **{**kw, "forced_token_ids": forced_seg})
+    for ours, ref in zip(segs.seg_hidden, eager.seg_hidden, strict=True):
+        assert ours.shape == (2, cfg.hidden_size) and torch.isfinite(ours).all()
+        torch.testing.assert_close(ours.float(), ref.float(), atol=5e-2, rtol=5e-2)
+    assert single.token_ids == forced[1:].tolist()
