@@ -303,38 +303,77 @@ def _write_frame(frame: Any, path: Path, layer: str) -> None:
     pyogrio.write_dataframe(frame, path, driver=DRIVERS[suffix], **kwargs)
 
 
-def write_layers(path: Path, frames: dict[str, Any]) -> list[Path]:
-    """Write the layers into a temporary directory beside ``path``, then rename into place.
+class Staging:
+    """Outputs written into hidden folders beside their targets, then renamed into place together.
 
-    ``objects`` is renamed last, so the output path appears only when everything is written;
-    on any failure nothing is left at the output path.
+    Each target gets its own hidden folder in its directory (``.<name>.<random>.tmp/``, so no
+    rename crosses a filesystem); a writer writes the target's file (and any siblings a format
+    adds, e.g. a Shapefile's ``.shx``/``.dbf``/``.prj``) at :meth:`path`. :meth:`commit` moves
+    everything staged into place, ``main`` last, so ``main`` appears only when every output is
+    complete. Leaving the ``with`` block removes the hidden folders: on any failure before the
+    commit no output is created or replaced.
+
+    Args:
+        main: The output whose presence means the run is complete (renamed last).
+    """
+
+    def __init__(self, main: Path) -> None:
+        self.main = main
+        self._staged: dict[Path, Path] = {}  # target -> its hidden folder
+
+    def path(self, target: Path) -> Path:
+        """Where to write ``target`` now (inside its hidden folder)."""
+        if target not in self._staged:
+            parent = target.parent if str(target.parent) else Path(".")
+            self._staged[target] = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+            )
+        return self._staged[target] / target.name
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place, ``main`` last.
+
+        Returns:
+            The files now in place (a format's sibling files included), in rename order.
+        """
+        written = []
+        for target in sorted(self._staged, key=lambda t: t == self.main):  # stable: staging order
+            folder = self._staged[target]
+            for file in sorted(folder.iterdir(), key=lambda f: (f.name == target.name, f.name)):
+                os.replace(file, target.with_name(file.name))
+                written.append(target.with_name(file.name))
+        return written
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for folder in self._staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_layers(path: Path, frames: dict[str, Any], *, staging: Staging | None = None) -> list[Path]:
+    """Write the layers of ``path`` (``objects`` at ``path``, ``tiles``/``runs`` beside it unless GeoPackage).
+
+    Without ``staging`` the layers are written into hidden folders and renamed into place at
+    once, ``objects`` last (nothing is left at the output paths on any failure). With a
+    ``staging`` the files are only staged: the caller commits them together with its other
+    outputs (see :class:`Staging`).
 
     Args:
         path: The output path (format by extension).
         frames: ``{"objects": ..., "tiles": ..., "runs": ...}``.
+        staging: Stage into this instead of committing now.
 
     Returns:
-        The files written, output path last.
+        The files written (without ``staging``: every file, sibling files included; with it:
+        the targets to be committed), output path last.
     """
     targets = sidecars(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        for layer in ("tiles", "runs", "objects"):
-            _write_frame(frames[layer], tmp / targets.get(layer, path).name, layer)
-        written = []
-        main = [p for p in tmp.iterdir() if p.name == path.name]
-        for p in sorted(tmp.iterdir()):
-            if p not in main:
-                os.replace(p, path.parent / p.name)
-                written.append(path.parent / p.name)
-        for p in main:
-            os.replace(p, path)
-            written.append(path)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def total_area(frame: Any) -> float:
-    """Sum of ``area_m2`` over a layer (NaN-safe)."""
-    return float(np.nansum(frame["area_m2"].to_numpy(dtype=np.float64))) if len(frame) else 0.0
+    if staging is None:
+        with Staging(path) as own:
+            write_layers(path, frames, staging=own)
+            return own.commit()
+    for layer in ("tiles", "runs", "objects"):  # a GeoPackage holds all three at ``path``
+        _write_frame(frames[layer], staging.path(targets.get(layer, path)), layer)
+    return [p for layer, p in targets.items() if layer != "objects"] + [path]

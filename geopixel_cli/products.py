@@ -1,19 +1,18 @@
 """Raster side products: the instance-id mask (Cloud Optimized GeoTIFF) and the PNG quicklook.
 
-Both are written block by block / from a decimated read, never from a full-size array, and
-both go to a temporary file renamed into place when complete.
+Both are written block by block / from a decimated read, never from a full-size array, into a
+hidden staging folder (:class:`geopixel_cli.layers.Staging`): renamed into place when complete,
+or, with a caller's ``staging``, together with the run's other outputs.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from geopixel_cli.layers import Staging
 from geopixel_cli.raster import SceneInfo
 
 MASK_BLOCK = 2048  # rows and columns rasterized at once (uint32: 16 MB)
@@ -34,20 +33,38 @@ PALETTE = [
 ]
 
 
-def _staging(path: Path) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-
-
-def write_mask_raster(path: Path, info: SceneInfo, objects: list[Any]) -> None:
+def write_mask_raster(
+    path: Path, info: SceneInfo, objects: list[Any], *, staging: Staging | None = None
+) -> None:
     """Write a uint32 COG on the scene's grid: pixel value = ``object_id`` (0 = no object).
 
     Args:
         path: Output ``.tif``.
         info: The scene (size, CRS, transform).
         objects: ``OutputObject`` list in ``object_id`` order (ids start at 1).
+        staging: Only stage the file there (the caller commits); None: write it in place now.
     """
-    import rasterio
+    if staging is None:
+        with Staging(path) as own:
+            write_mask_raster(path, info, objects, staging=own)
+            own.commit()
+        return
     import rasterio.shutil
+
+    cog = staging.path(path)
+    plain = cog.with_name(f".{cog.name}.plain.tif")
+    try:
+        _write_plain_mask(plain, info, objects)
+        rasterio.shutil.copy(
+            plain, cog, driver="COG", compress="DEFLATE", overview_resampling="nearest", BIGTIFF="IF_SAFER"
+        )
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def _write_plain_mask(path: Path, info: SceneInfo, objects: list[Any]) -> None:
+    """The id raster as a tiled GeoTIFF, rasterized ``MASK_BLOCK`` x ``MASK_BLOCK`` at a time."""
+    import rasterio
     from affine import Affine
     from rasterio.features import rasterize
     from rasterio.windows import Window
@@ -56,45 +73,32 @@ def write_mask_raster(path: Path, info: SceneInfo, objects: list[Any]) -> None:
 
     geoms = [o.merged.geometry for o in objects]
     tree = STRtree(geoms) if geoms else None
-    tmp = _staging(path)
-    try:
-        profile = {
-            "driver": "GTiff",
-            "width": info.width,
-            "height": info.height,
-            "count": 1,
-            "dtype": "uint32",
-            "crs": info.crs_wkt,
-            "transform": Affine(*info.transform),
-            "tiled": True,
-            "blockxsize": 512,
-            "blockysize": 512,
-            "compress": "deflate",
-            "BIGTIFF": "IF_SAFER",
-        }
-        with rasterio.open(tmp / "plain.tif", "w", **profile) as dst:
-            for y in range(0, info.height, MASK_BLOCK):
-                for x in range(0, info.width, MASK_BLOCK):
-                    h, w = min(MASK_BLOCK, info.height - y), min(MASK_BLOCK, info.width - x)
-                    block = np.zeros((h, w), np.uint32)
-                    hits = tree.query(box(x, y, x + w, y + h)) if tree is not None else []
-                    if len(hits):
-                        shapes = [(geoms[i], i + 1) for i in sorted(hits)]
-                        block = rasterize(
-                            shapes, out_shape=(h, w), transform=Affine.translation(x, y), dtype="uint32"
-                        )
-                    dst.write(block, 1, window=Window(x, y, w, h))
-        rasterio.shutil.copy(
-            tmp / "plain.tif",
-            tmp / "cog.tif",
-            driver="COG",
-            compress="DEFLATE",
-            overview_resampling="nearest",
-            BIGTIFF="IF_SAFER",
-        )
-        os.replace(tmp / "cog.tif", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    profile = {
+        "driver": "GTiff",
+        "width": info.width,
+        "height": info.height,
+        "count": 1,
+        "dtype": "uint32",
+        "crs": info.crs_wkt,
+        "transform": Affine(*info.transform),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        for y in range(0, info.height, MASK_BLOCK):
+            for x in range(0, info.width, MASK_BLOCK):
+                h, w = min(MASK_BLOCK, info.height - y), min(MASK_BLOCK, info.width - x)
+                block = np.zeros((h, w), np.uint32)
+                hits = tree.query(box(x, y, x + w, y + h)) if tree is not None else []
+                if len(hits):
+                    shapes = [(geoms[i], i + 1) for i in sorted(hits)]
+                    block = rasterize(
+                        shapes, out_shape=(h, w), transform=Affine.translation(x, y), dtype="uint32"
+                    )
+                dst.write(block, 1, window=Window(x, y, w, h))
 
 
 def _quicklook(info: SceneInfo, side: int) -> tuple[np.ndarray, float]:
@@ -111,7 +115,14 @@ def _quicklook(info: SceneInfo, side: int) -> tuple[np.ndarray, float]:
     return np.where(valid[None], rgb, 0).transpose(1, 2, 0), scale
 
 
-def write_preview(path: Path, info: SceneInfo, objects: list[Any], *, side: int = PREVIEW_SIDE) -> None:
+def write_preview(
+    path: Path,
+    info: SceneInfo,
+    objects: list[Any],
+    *,
+    side: int = PREVIEW_SIDE,
+    staging: Staging | None = None,
+) -> None:
     """Write a PNG quicklook: decimated scene, translucent object masks, category labels.
 
     Args:
@@ -119,7 +130,13 @@ def write_preview(path: Path, info: SceneInfo, objects: list[Any], *, side: int 
         info: The scene.
         objects: ``OutputObject`` list.
         side: Longest side of the quicklook, pixels.
+        staging: Only stage the file there (the caller commits); None: write it in place now.
     """
+    if staging is None:
+        with Staging(path) as own:
+            write_preview(path, info, objects, side=side, staging=own)
+            own.commit()
+        return
     from PIL import Image, ImageDraw, ImageFont
     from shapely import get_parts
 
@@ -135,12 +152,7 @@ def write_preview(path: Path, info: SceneInfo, objects: list[Any], *, side: int 
             ring = [(x * scale, y * scale) for x, y in part.exterior.coords]
             draw.polygon(ring, fill=(*colour, 110), outline=(*colour, 255))
     _draw_labels(draw, base.size, objects, colours, scale, font)
-    tmp = _staging(path)
-    try:
-        Image.alpha_composite(base, overlay).convert("RGB").save(tmp / "preview.png")
-        os.replace(tmp / "preview.png", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    Image.alpha_composite(base, overlay).convert("RGB").save(staging.path(path), format="PNG")
 
 
 def _draw_labels(
