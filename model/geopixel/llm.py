@@ -64,6 +64,12 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache  # (B, kvh, S, hd)
 
 
+def _cache_key(cache: KVCache) -> tuple[object, ...]:
+    """What :meth:`InternLM2.setup_caches` compares before reusing ``cache``."""
+    k = cache.k_cache
+    return (*k.shape, k.dtype, k.device.type, k.is_inference())
+
+
 class InternLM2(nn.Module):
     """InternLM2 decoder: embeddings, pre-norm blocks, final RMSNorm and the ``output`` head.
 
@@ -87,12 +93,19 @@ class InternLM2(nn.Module):
         self.cache_len = 0
 
     def setup_caches(self, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate one :class:`KVCache` per layer (reused when batch, length, dtype and device match)."""
+        """Allocate one :class:`KVCache` per layer.
+
+        Existing caches are reused when batch, length, dtype, device and inference-mode-ness
+        match: caches allocated under ``torch.inference_mode`` (``GeoPixel.describe``) are
+        inference tensors that cannot be written in place outside it, so a call outside
+        inference mode gets new ones (and vice versa, to keep one kind of cache per mode).
+        """
         cfg, dev = self.config, torch.device(device)
+        inference = torch.is_inference_mode_enabled()
+        key = (batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, dev.type, inference)
         for layer in self.layers:
             old = layer.attention.kv_cache
-            key = (batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, dev.type)
-            if old is None or (*old.k_cache.shape, old.k_cache.dtype, old.k_cache.device.type) != key:
+            if old is None or _cache_key(old) != key:
                 layer.attention.kv_cache = KVCache(
                     batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev
                 )

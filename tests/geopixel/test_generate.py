@@ -269,3 +269,19 @@ def test_caches_are_reused_across_calls_and_stale_slots_do_not_leak(tiny_llm: In
     generate(tiny_llm, None, [x, x], [im, im], max_new_tokens=6, seg_id=SEG)  # new batch size: new cache
     assert tiny_llm.layers[0].attention.kv_cache is not cache
     tiny_llm.clear_caches()
+
+
+def test_caches_made_under_inference_mode_are_not_reused_outside_it(tiny_llm: InternLM2) -> None:
+    """``GeoPixel.describe`` runs under inference mode; a later plain ``generate`` must not crash."""
+    x, im = prompt(tiny_llm, 12, seed=32, image=slice(1, 8))
+    tiny_llm.clear_caches()
+    with torch.inference_mode():
+        inside = generate(tiny_llm, None, [x], [im], max_new_tokens=5, seg_id=SEG)
+    assert tiny_llm.layers[0].attention.kv_cache.k_cache.is_inference()  # type: ignore[union-attr]
+    outside = generate(tiny_llm, None, [x], [im], max_new_tokens=5, seg_id=SEG)  # no in-place error
+    assert not tiny_llm.layers[0].attention.kv_cache.k_cache.is_inference()  # type: ignore[union-attr]
+    cache = tiny_llm.layers[0].attention.kv_cache
+    assert generate(tiny_llm, None, [x], [im], max_new_tokens=5, seg_id=SEG).token_ids == outside.token_ids
+    assert tiny_llm.layers[0].attention.kv_cache is cache  # same mode again: reused
+    assert outside.token_ids == inside.token_ids
+    tiny_llm.clear_caches()
