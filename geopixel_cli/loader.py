@@ -16,7 +16,8 @@ from geopixel_cli.errors import UserError
 
 DEFAULT_MODELS = {"describe": "MBZUAI/GeoPixel-7B", "segment": "MBZUAI/GeoPixel-7B-RES"}
 MODEL_ENV = "GEOPIXEL_MODEL"
-REQUIRED_FILES = ("config.json",)
+REQUIRED_FILES = ("config.json", "tokenizer.model")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 class SceneModel(Protocol):
@@ -53,44 +54,37 @@ def resolve_model(model: str | None, command: str) -> str:
     return model or os.environ.get(MODEL_ENV) or DEFAULT_MODELS[command]
 
 
-def _weights_present(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-
-
 def check_model_dir(path: Path) -> None:
-    """Refuse a model directory that cannot hold a checkpoint.
+    """Refuse a model directory that cannot hold a checkpoint, before torch is imported.
 
     Args:
         path: A local directory.
 
     Raises:
-        UserError: When config or weights are missing.
+        UserError: When ``config.json``, ``tokenizer.model`` or the weights are missing.
     """
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if not _weights_present(path):
-        missing.append("*.safetensors weights")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append(f"weights ({' or '.join(WEIGHT_PATTERNS)})")
     if missing:
         raise UserError(f"model directory {path} is incomplete: missing {', '.join(missing)}")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def locate_model(model: str) -> str:
-    """Turn a directory or hub id into what ``GeoPixel.from_pretrained`` should receive.
+    """Check a local ``--model`` directory; pass a hub id through.
 
-    A local directory is checked for completeness. A hub id is looked up in the local cache
-    first; when it is not cached and the hub is offline, the error says how to download it.
+    A hub id (``owner/name``) is resolved by ``geopixel.checkpoint.resolve_checkpoint`` when the
+    model loads (local cache first; offline and not cached: an error that says how to download
+    it), so the CLI keeps no second copy of that logic.
 
     Args:
         model: A directory or hub id (``owner/name``).
 
     Returns:
-        A local directory, or the hub id when the hub may be used.
+        The local directory, or the hub id.
 
     Raises:
-        UserError: Missing or incomplete directory; hub id not cached while offline.
+        UserError: Missing or incomplete directory.
     """
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
@@ -98,17 +92,7 @@ def locate_model(model: str) -> str:
             raise UserError(f"model directory not found: {model}")
         check_model_dir(path)
         return str(path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return str(snapshot_download(model, local_files_only=True))
-    except Exception:  # not cached (or hub library problem): decide below
-        if _offline():
-            raise UserError(
-                f"model {model} is not in the local cache and HF_HUB_OFFLINE is set; download it with "
-                f"`hf download {model} --local-dir DIR` on a connected machine and pass --model DIR"
-            ) from None
-        return model
+    return model
 
 
 def load_model(model: str, *, device: str | None, dtype: str | None) -> SceneModel:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from geopixel_cli import pipeline
 from geopixel_cli.cli import app
 from geopixel_cli.errors import UserError
-from geopixel_cli.loader import locate_model, resolve_model
+from geopixel_cli.loader import check_model_dir, load_model, locate_model, resolve_model
 from geopixel_cli.runconfig import RunSummary
 
 TINY = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "reference-tiny"
@@ -149,11 +149,33 @@ def test_unexpected_error_traceback_only_with_verbose(tmp_path):
 def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(UserError, match="not in the local cache.*--model DIR"):
-        locate_model("MBZUAI/GeoPixel-7B")
+    assert locate_model("MBZUAI/GeoPixel-7B") == "MBZUAI/GeoPixel-7B"  # resolved by geopixel.checkpoint
+    hint = r"not in the local cache.*download MBZUAI/GeoPixel-7B --local-dir DIR` and pass `--model DIR`$"
+    with pytest.raises(UserError, match=hint):
+        load_model("MBZUAI/GeoPixel-7B", device="cpu", dtype="fp32")
     monkeypatch.delenv("GEOPIXEL_MODEL", raising=False)
     assert resolve_model(None, "describe") == "MBZUAI/GeoPixel-7B"
     assert resolve_model("/x", "segment") == "/x"
+
+
+@pytest.mark.parametrize(
+    "files,missing",
+    [
+        (("config.json", "tokenizer.model", "model.safetensors"), None),
+        (("config.json", "tokenizer.model", "pytorch_model.bin"), None),
+        (("config.json", "model.safetensors"), "missing tokenizer.model"),
+        (("config.json", "tokenizer.model"), r"missing weights \(\*.safetensors or \*.bin\)"),
+        (("tokenizer.model", "model.bin"), "missing config.json"),
+    ],
+)
+def test_model_dir_check(tmp_path, files, missing):
+    for name in files:
+        (tmp_path / name).write_text("x")
+    if missing is None:
+        check_model_dir(tmp_path)
+    else:
+        with pytest.raises(UserError, match=missing):
+            check_model_dir(tmp_path)
 
 
 @pytest.mark.parametrize("command", ["describe", "segment"])
