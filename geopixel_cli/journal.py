@@ -21,6 +21,12 @@ def journal_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.geopixel-journal")
 
 
+def finished_tiles(path: Path) -> int:
+    """How many finished tiles a journal file records (complete lines after the header)."""
+    with open(path, "rb") as fh:
+        return max(0, sum(1 for line in fh if line.endswith(b"\n")) - 1)
+
+
 def piece_to_json(piece: Piece) -> dict[str, Any]:
     """A piece as a JSON-safe dict (geometry as WKB hex)."""
     return {

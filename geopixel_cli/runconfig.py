@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from geopixel_cli.errors import UserError
+from geopixel_cli.journal import finished_tiles, journal_path
 from geopixel_cli.layers import check_output, sidecars
 
 # Options that decide what the model sees and how its masks become pieces: a resumed run must match.
@@ -24,6 +26,7 @@ TILE_OPTIONS = (
     "min_valid",
     "min_pixels",
 )
+log = logging.getLogger("geopixel_cli")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ class RunSummary:
 def validate(config: RunConfig) -> None:
     """Check options and outputs before anything is read or loaded.
 
+    Also warns (one line) when an interrupted run's journal is there but ``--resume`` was not
+    given: this run replaces it, so its finished tiles would be lost.
+
     Raises:
         UserError: On an empty expression, impossible grid options or a refused output.
     """
@@ -151,3 +157,12 @@ def validate(config: RunConfig) -> None:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
         if not path.parent.is_dir():
             raise UserError(f"output directory {path.parent} does not exist")
+    stale = journal_path(config.output)
+    if not config.resume and stale.exists():
+        log.warning(
+            "an interrupted run of %s left %d finished tiles in %s; starting over discards them "
+            "(stop now and pass --resume to continue that run)",
+            config.output,
+            finished_tiles(stale),
+            stale.name,
+        )

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 from shapely.geometry import box
 
@@ -29,3 +31,28 @@ def test_round_trip_and_partial_last_line(tmp_path):
         Journal(journal.path).resume({"options": {"tile_size": 640}})
     resumed.remove()
     assert not journal.path.exists()
+
+
+def test_stale_journal_without_resume_warns_once(tmp_path, caplog):
+    import logging
+
+    from cli_scenes import Rect, ScriptedModel, make_scene
+
+    from geopixel_cli.pipeline import run
+    from geopixel_cli.runconfig import RunConfig
+
+    scene = make_scene(tmp_path / "s.tif", rects=(Rect(150, 50, 230, 90),))
+    out = tmp_path / "o.gpkg"
+    config = RunConfig("describe", str(scene), out, "scripted", tile_size=200, overlap=40, progress=False)
+    with pytest.raises(UserError, match="--resume"):
+        run(config, model=ScriptedModel(fail_after=3))
+    assert journal_path(out).exists()
+    with caplog.at_level(logging.WARNING, logger="geopixel_cli"):
+        run(config, model=ScriptedModel())
+    warnings = [r.getMessage() for r in caplog.records if "interrupted run" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "3 finished tiles" in warnings[0] and "--resume" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geopixel_cli"):
+        run(replace(config, overwrite=True), model=ScriptedModel())  # no journal left: no warning
+    assert not [r for r in caplog.records if "interrupted run" in r.getMessage()]
