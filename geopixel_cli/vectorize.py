@@ -14,25 +14,68 @@ import numpy as np
 
 from geopixel_cli.tiling import TileSpec
 
-# iSAID's 15 categories (what the released model was trained on) and words that name them.
+# iSAID's 15 categories (what the released model was trained on) and the singular names that
+# name them, matched as whole words (see category_of). Ambiguous bare words are left out:
+# "track" (railway track), "pitch" (roof pitch).
 CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
-    "plane": ("plane", "airplane", "aircraft", "jet"),
-    "ship": ("ship", "boat", "vessel", "yacht"),
+    "plane": ("plane", "airplane", "aeroplane", "aircraft", "airliner", "jet"),
+    "ship": ("ship", "boat", "vessel", "yacht", "ferry"),
     "storage tank": ("storage tank", "tank", "silo"),
     "baseball diamond": ("baseball diamond", "baseball field", "baseball"),
     "tennis court": ("tennis court", "tennis"),
     "basketball court": ("basketball court", "basketball"),
-    "ground track field": ("ground track field", "track field", "running track", "track"),
+    "ground track field": (
+        "ground track field",
+        "track field",
+        "track and field",
+        "running track",
+        "athletic track",
+        "athletics track",
+    ),
     "harbor": ("harbor", "harbour", "dock", "pier", "marina"),
     "bridge": ("bridge", "overpass"),
     "large vehicle": ("large vehicle", "truck", "bus", "lorry", "trailer"),
     "small vehicle": ("small vehicle", "car", "vehicle", "van", "suv"),
     "helicopter": ("helicopter",),
     "roundabout": ("roundabout", "traffic circle"),
-    "soccer field": ("soccer field", "football field", "soccer", "pitch"),
+    "soccer field": ("soccer field", "football field", "soccer pitch", "football pitch", "soccer"),
     "swimming pool": ("swimming pool", "pool"),
 }
+# A name followed by one of these is a modifier of a place, not the object: "car park", "bus stop".
+PLACE_WORDS = frozenset(
+    "park parking lot wash station stop terminal depot yard ramp garage dealership pad shelter "
+    "lane shadow".split()
+)
+# Words that end the head of a phrase: "a parking lot with cars" is about the parking lot.
+HEAD_END = frozenset(
+    "with in on at near along beside next by behind around inside within between across under "
+    "that which where containing surrounded adjacent from".split()
+)
 _STOP = {"a", "an", "the", "of", "some", "several", "many", "few", "two", "three", "four", "five", "other"}
+# Plurals the suffix rules get wrong, and singular words that end in "s".
+_IRREGULAR = {
+    "buses": "bus",
+    "busses": "bus",
+    "gases": "gas",
+    "lenses": "lens",
+    "campuses": "campus",
+    "leaves": "leaf",
+    "shelves": "shelf",
+    "halves": "half",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "geese": "goose",
+    "mice": "mouse",
+    "series": "series",
+    "species": "species",
+}
+# Longest names first, so "large vehicle" wins over "vehicle".
+_NAMES = sorted(
+    ((tuple(name.split()), category) for category, names in CATEGORY_WORDS.items() for name in names),
+    key=lambda item: -len(item[0]),
+)
 
 
 @dataclass(frozen=True)
@@ -57,22 +100,52 @@ class Piece:
     geometry: Any
 
 
-def _plural_stem(word: str) -> str:
+def singular(word: str) -> str:
+    """The singular of a lower-case English noun (``"buses"`` -> ``"bus"``, ``"ferries"`` -> ``"ferry"``).
+
+    Suffix rules plus a table of exceptions; words that already end in ``ss``/``us``/``is``
+    (``grass``, ``campus``, ``tennis``) and words of three letters or fewer are kept.
+    """
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
+        return word
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "sses", "xes")):
+    if word.endswith(("sses", "shes", "ches", "xes", "zzes")):
         return word[:-2]
-    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+    if word.endswith("s"):
         return word[:-1]
     return word
+
+
+def _head(words: list[str]) -> list[str]:
+    """The phrase up to its first preposition or relative word (the whole phrase if it starts with one)."""
+    for i, word in enumerate(words):
+        if i > 0 and word in HEAD_END:
+            return words[:i]
+    return words
+
+
+def _named_category(words: list[str]) -> str | None:
+    """The iSAID category a whole-word name in ``words`` gives, longest name first, then leftmost."""
+    for name, category in _NAMES:
+        n = len(name)
+        for i in range(len(words) - n + 1):
+            following = words[i + n] if i + n < len(words) else None
+            if tuple(words[i : i + n]) == name and following not in PLACE_WORDS:
+                return category
+    return None
 
 
 def category_of(phrase: str) -> str:
     """Normalise a grounded phrase to a category for seam merging.
 
-    An iSAID category when a word of the phrase names one (``"two white cars"`` ->
-    ``"small vehicle"``), else the phrase lower-cased, singularised, without articles and
-    counts (``"the red roofs"`` -> ``"red roof"``).
+    Only the head of the phrase counts (up to its first preposition or relative word:
+    ``"a parking lot with cars"`` is about the parking lot). An iSAID category when whole,
+    singularised words of the head name one (``"two white buses"`` -> ``"large vehicle"``), but
+    not when a place word follows the name (``"car park"``, ``"bus stop"``); else the head
+    lower-cased, singularised, without articles and counts (``"the red roofs"`` -> ``"red roof"``).
 
     Args:
         phrase: Phrase text.
@@ -80,11 +153,10 @@ def category_of(phrase: str) -> str:
     Returns:
         The category.
     """
-    words = [_plural_stem(w) for w in re.findall(r"[a-z]+", phrase.lower())]
-    text = " " + " ".join(words) + " "
-    for category, names in CATEGORY_WORDS.items():
-        if any(f" {name} " in text for name in names):
-            return category
+    words = _head([singular(w) for w in re.findall(r"[a-z]+", phrase.lower())])
+    category = _named_category(words)
+    if category is not None:
+        return category
     kept = [w for w in words if w not in _STOP]
     return " ".join(kept) or "object"
 

@@ -4,7 +4,7 @@ from shapely.geometry import box
 
 from geopixel_cli.merge import merge_pieces
 from geopixel_cli.tiling import grid
-from geopixel_cli.vectorize import Piece, category_of, mask_polygons
+from geopixel_cli.vectorize import Piece, category_of, mask_polygons, singular
 
 
 def _perfect_pieces(tiles, rects, *, category="red roof", grow=None):
@@ -123,10 +123,56 @@ def test_mask_polygons_scene_coordinates_and_holes():
         ("the red roofs", "red roof"),
         ("a large harbour", "harbor"),
         ("", "object"),
+        # place words after a name: the place, not the object
+        ("a car park", "car park"),
+        ("car parks", "car park"),
+        ("a bus stop", "bus stop"),
+        ("a helicopter pad", "helicopter pad"),
+        # ambiguous bare words are not categories
+        ("a railway track", "railway track"),
+        ("railway tracks", "railway track"),
+        ("the roof pitch", "roof pitch"),
+        ("a running track", "ground track field"),
+        ("a football pitch", "soccer field"),
+        # plurals
+        ("buses", "large vehicle"),
+        ("several white buses", "large vehicle"),
+        ("ferries", "ship"),
+        ("boxes", "box"),
+        ("churches", "church"),
+        ("houses", "house"),
+        ("green grass", "green grass"),
+        ("tennis courts", "tennis court"),
+        # the longest name wins, whole words only
+        ("large vehicles", "large vehicle"),
+        ("vehicles", "small vehicle"),
+        ("a carpet", "carpet"),
+        ("shipyards", "shipyard"),
+        # only the head of the phrase counts
+        ("cars parked along the road", "small vehicle"),
+        ("a parking lot with cars", "parking lot"),
+        ("ships in the harbor", "ship"),
+        ("a tennis court next to a swimming pool", "tennis court"),
+        ("a group of ships", "ship"),
     ],
 )
 def test_category_of(phrase, category):
     assert category_of(phrase) == category
+
+
+@pytest.mark.parametrize(
+    "word,one",
+    [("buses", "bus"), ("bus", "bus"), ("lorries", "lorry"), ("glasses", "glass"), ("tennis", "tennis")]
+    + [
+        ("campus", "campus"),
+        ("benches", "bench"),
+        ("suvs", "suv"),
+        ("aircraft", "aircraft"),
+        ("ties", "tie"),
+    ],
+)
+def test_singular(word, one):
+    assert singular(word) == one
 
 
 def test_tile_pieces_scores_nodata_and_labels():
