@@ -9,6 +9,7 @@ atomically; ``--resume`` reuses the journal's finished tiles and gives the same 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import queue
@@ -80,14 +81,29 @@ def resolve_batch_size(net: SceneModel, config: RunConfig) -> int:
     return size
 
 
+def _accepts(method: Any, name: str) -> bool:
+    """Whether ``method`` takes a keyword argument ``name`` (model doubles may not)."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _call_model(net: SceneModel, images: list[Any], config: RunConfig) -> list[Any]:
+    """One batch through the model; mask logits are asked for when the model can return them.
+
+    The logits give every vectorized region its own score (mean probability inside it, see
+    :func:`geopixel_cli.vectorize.tile_pieces`) instead of the whole mask's predicted IoU.
+    """
+    method = net.describe_batch if config.command == "describe" else net.segment_batch
+    extra = {"keep_mask_logits": True} if _accepts(method, "keep_mask_logits") else {}
     if config.command == "describe":
         return net.describe_batch(
-            images, prompt=config.prompt, hd_num=config.hd_num, max_new_tokens=config.max_new_tokens
+            images, prompt=config.prompt, hd_num=config.hd_num, max_new_tokens=config.max_new_tokens, **extra
         )
     assert config.expression is not None
     return net.segment_batch(
-        images, config.expression.strip(), hd_num=config.hd_num, max_new_tokens=config.max_new_tokens
+        images, config.expression.strip(), hd_num=config.hd_num, max_new_tokens=config.max_new_tokens, **extra
     )
 
 

@@ -198,6 +198,7 @@ class GeoPixel(nn.Module):
         hd_num: int = 9,
         max_new_tokens: int = 1024,
         temperature: float = 0.0,
+        keep_mask_logits: bool = False,
     ) -> list[GeoPixelResult]:
         """:meth:`describe` for several images in one batch (CLIP, LLM and SAM-2 batched).
 
@@ -207,13 +208,16 @@ class GeoPixel(nn.Module):
             hd_num: Crop budget.
             max_new_tokens: Generation limit.
             temperature: 0 = greedy.
+            keep_mask_logits: Also return the full-size mask logits (``mask_logits``, float16,
+                (N, H, W)): a per-pixel confidence, at 2 bytes a pixel per mask of host copy.
 
         Returns:
             One result per image, in order.
         """
         queries = [prompt or GCG_QUERY] * len(images)
         return self._run(
-            images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, temperature=temperature
+            images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, temperature=temperature,
+            keep_mask_logits=keep_mask_logits,
         )
 
     def segment_batch(
@@ -223,6 +227,7 @@ class GeoPixel(nn.Module):
         *,
         hd_num: int = 9,
         max_new_tokens: int = 64,
+        keep_mask_logits: bool = False,
     ) -> list[GeoPixelResult]:
         """:meth:`segment` for several images (one expression for all, or one per image).
 
@@ -231,6 +236,7 @@ class GeoPixel(nn.Module):
             expression: Referring expression(s).
             hd_num: Crop budget.
             max_new_tokens: Generation limit.
+            keep_mask_logits: Also return the mask logits (float16), as in :meth:`describe_batch`.
 
         Returns:
             One result per image, in order.
@@ -239,7 +245,9 @@ class GeoPixel(nn.Module):
         if len(exprs) != len(images):
             raise ValueError(f"{len(exprs)} expressions for {len(images)} images")
         queries = [RRSIS_TEMPLATE.format(e) for e in exprs]
-        return self._run(images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens)
+        return self._run(
+            images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, keep_mask_logits=keep_mask_logits
+        )
 
     # ---- stages -----------------------------------------------------------------------------
 
@@ -394,14 +402,24 @@ class GeoPixel(nn.Module):
         hw: tuple[int, int],
         keep_logits: bool,
     ) -> GeoPixelResult:
+        """One image's result; masks are thresholded on the device and copied to the host as bools.
+
+        The full-size logits (4 bytes a pixel per [SEG]) are copied only when ``keep_logits``,
+        as float16 (half the transfer; SAM-2 logits are small numbers, well inside its range),
+        see :func:`_half_logits`.
+        """
         text = self._tok().response_text(out.token_ids[b])
         n = out.seg_hidden[b].shape[0]
+        logits: np.ndarray | None = None
         if masks is None:
-            logits = np.zeros((0, *hw), np.float32)
-            mask_arr, scores = logits > 0, np.zeros((0,), np.float32)
+            mask_arr, scores = np.zeros((0, *hw), np.bool_), np.zeros((0,), np.float32)
+            if keep_logits:
+                logits = np.zeros((0, *hw), np.float16)
         else:
-            logits = masks.mask_logits.float().cpu().numpy()
-            mask_arr, scores = logits > 0, masks.iou.float().cpu().numpy()
+            positive = masks.mask_logits > 0  # (n, H, W) bool, on the device
+            mask_arr, scores = positive.cpu().numpy(), masks.iou.float().cpu().numpy()
+            if keep_logits:
+                logits = _half_logits(masks.mask_logits, positive).cpu().numpy()
         return GeoPixelResult(
             text=text,
             phrases=parse_phrases(text, n_masks=n),
@@ -409,8 +427,18 @@ class GeoPixel(nn.Module):
             scores=scores,
             token_ids=list(out.token_ids[b]),
             seg_hidden=out.seg_hidden[b].float().cpu().numpy(),
-            mask_logits=logits if keep_logits else None,
+            mask_logits=logits,
         )
+
+
+def _half_logits(logits: Tensor, positive: Tensor) -> Tensor:
+    """``logits`` in float16, positive values kept positive (so ``masks == mask_logits > 0``).
+
+    Positive logits below half of float16's smallest subnormal (2**-24) would round to 0; they
+    are stored as 2**-24 instead.
+    """
+    half = logits.to(torch.float16)
+    return half.masked_fill_(positive & (half == 0), 2.0**-24)
 
 
 def load_image(image: ImageInput) -> np.ndarray:

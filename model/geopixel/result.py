@@ -36,7 +36,8 @@ class GeoPixelResult:
         scores: (N,) float32, the mask decoder's predicted IoU of each selected mask.
         token_ids: Generated token ids (without the prompt), ending with ``</s>`` if it stopped.
         seg_hidden: (N, hidden) float32 last-layer hidden states at the ``[SEG]`` positions.
-        mask_logits: (N, H, W) float32 mask logits, or None when not kept.
+        mask_logits: (N, H, W) float16 mask logits (``masks == mask_logits > 0``), or None
+            unless asked for (``keep_mask_logits=True``).
     """
 
     text: str

@@ -131,6 +131,15 @@ def test_results_are_well_formed_for_arrays_and_paths(model: GeoPixel, golden_di
     assert result.scores.shape == (1,) and result.scores.dtype == np.float32
     assert result.seg_hidden.shape == (1, model.config.llm.hidden_size)
     assert result.phrases == [] and result.mask_logits is None
+    kept = model._run([str(path)], [RRSIS_TEMPLATE.format("red car")], hd_num=1,
+                      max_new_tokens=forced.shape[1], forced_token_ids=forced, keep_mask_logits=True)[0]
+    assert kept.mask_logits is not None and kept.mask_logits.dtype == np.float16  # half the host copy
+    assert kept.mask_logits.shape == (1, 600, 1000) and np.array_equal(kept.masks, kept.mask_logits > 0)
+    for batch in (model.describe_batch([path], hd_num=1, max_new_tokens=3, keep_mask_logits=True),
+                  model.segment_batch([path], "red car", hd_num=1, max_new_tokens=3, keep_mask_logits=True)):
+        assert batch[0].mask_logits is not None and batch[0].mask_logits.dtype == np.float16
+        assert batch[0].mask_logits.shape == batch[0].masks.shape
+    assert model.segment_batch([path], "red car", hd_num=1, max_new_tokens=3)[0].mask_logits is None
     pieces: list[str] = []
     streamed = model.describe(load_image(path), hd_num=1, max_new_tokens=5, stream=pieces.append)
     assert "".join(pieces) == streamed.text and len(streamed.token_ids) == 5
@@ -162,7 +171,7 @@ def test_compiled_decode_gives_the_eager_tokens_seg_hidden_and_masks(golden_dir:
     assert model.compile_decode(backend="aot_eager") is model
     compiled, calls = model._decode_fn, []
     assert compiled is not None
-    model._decode_fn = lambda *a, **k: (calls.append(1), compiled(*a, **k))[1]  # type: ignore[assignment]
+    model._decode_fn = lambda *a, **k: (calls.append(1), compiled(*a, **k))[1]  # type: ignore[assignment,func-returns-value]
     ours = model._run(images, queries, keep_mask_logits=True, **kw)[0]
     assert len(calls) == forced.shape[1] - 1  # every step after the prefill ran the compiled step
     assert model.llm.layers[0].attention.kv_cache is cache  # same batch and rounded length: same buffers

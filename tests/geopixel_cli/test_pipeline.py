@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ RECTS = (
     Rect(380, 20, 420, 60, "blue"),
 )
 UTM = Affine(0.5, 0, 500000.0, 0, -0.5, 5000000.0)
+UTM_K0 = 0.9996  # UTM scale factor on the central meridian
 
 
 def _config(scene, out, **kw):
@@ -81,11 +83,14 @@ def test_describe_projected_scene_to_gpkg(tmp_path, crs, dtype, bands, nodata, b
     objects = pyogrio.read_dataframe(out, layer="objects")
     assert CRS.from_user_input(objects.crs) == CRS.from_user_input(crs)
     _check_objects(objects, RECTS, UTM)
+    # Geodesic measures: on the central meridian of a UTM zone (easting 500 km) a ground
+    # length is the grid length / k0, k0 = 0.9996.
     areas = sorted(objects["area_m2"])
-    assert areas == pytest.approx(sorted(r.area_px * 0.25 for r in RECTS))
+    assert areas == pytest.approx(sorted(r.area_px * 0.25 / UTM_K0**2 for r in RECTS), rel=1e-5)
     perim = objects.loc[objects["phrase"] == "red roofs", "perimeter_m"]
     assert sorted(perim) == pytest.approx(
-        sorted(2 * 0.5 * ((r.x1 - r.x0) + (r.y1 - r.y0)) for r in RECTS if r.colour == "red")
+        sorted(2 * 0.5 * ((r.x1 - r.x0) + (r.y1 - r.y0)) / UTM_K0 for r in RECTS if r.colour == "red"),
+        rel=1e-5,
     )
     assert set(objects["category"]) == {"red roof", "storage tank"}
     assert (objects["score"] > 0).all() and objects["object_id"].tolist() == list(range(1, len(RECTS) + 1))
@@ -340,3 +345,30 @@ def test_batch_size_chosen_from_free_gpu_memory(tmp_path, monkeypatch, caplog):
         run(config, model=model)
     assert model.calls[0] == expected and sum(model.calls) == 9
     assert f"batch size {expected}, chosen from 14.0 GB" in caplog.text
+
+
+@dataclass
+class _LogitModel(ScriptedModel):
+    """Scripted double that can also return mask logits (as ``GeoPixel`` does when asked)."""
+
+    asked: list = field(default_factory=list)
+
+    def segment_batch(self, images, expression, *, hd_num=9, max_new_tokens=64, keep_mask_logits=False):
+        self.asked.append(keep_mask_logits)
+        results = super().segment_batch(images, expression, hd_num=hd_num, max_new_tokens=max_new_tokens)
+        if keep_mask_logits:
+            for r in results:
+                r.mask_logits = np.where(r.masks, 2.0, -2.0).astype(np.float16)  # sigmoid(2) inside
+        return results
+
+
+def test_pipeline_asks_for_mask_logits_and_scores_regions_with_them(tmp_path):
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out = tmp_path / "seg.gpkg"
+    model = _LogitModel()
+    run(_config(scene, out, command="segment", expression="red roofs", top_k=3), model=model)
+    assert model.asked and all(model.asked)
+    top = pyogrio.read_dataframe(out, layer="objects")
+    _check_objects(top, tuple(r for r in RECTS if r.colour == "red"), UTM)
+    prob = 1 / (1 + math.exp(-2.0))
+    assert top["score"].tolist() == pytest.approx([0.9 * prob] * 3, rel=1e-3)
