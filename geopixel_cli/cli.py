@@ -113,6 +113,27 @@ def _parse_bidx(bidx: str | None) -> tuple[int, ...] | None:
     return parse_bidx(bidx)
 
 
+CLI_ONLY = ("verbose", "quiet")  # command parameters that are not RunConfig fields
+
+
+def _config_kwargs(command: str, params: dict[str, Any], default_output: Path) -> dict[str, Any]:
+    """RunConfig keyword arguments from a run command's parameters (named like RunConfig's fields).
+
+    Args:
+        command: ``"describe"`` or ``"segment"``.
+        params: The command function's parameters (``locals()`` at its start).
+        default_output: The output path when ``-o`` is not given.
+
+    Returns:
+        The keyword arguments, ``--bidx`` parsed (a bad value raises a UserError).
+    """
+    kwargs = {k: v for k, v in params.items() if k not in CLI_ONLY}
+    kwargs.update(
+        command=command, output=params["output"] or default_output, bidx=_parse_bidx(params["bidx"])
+    )
+    return kwargs
+
+
 @app.command()
 def describe(
     scene: Annotated[str, typer.Argument(help="Input raster (anything GDAL opens).")],
@@ -152,35 +173,10 @@ def describe(
 
     Example: geopixel describe scene.tif -o scene.gpkg -b 3,2,1 --mask-raster ids.tif --preview quick.png
     """
+    params = dict(locals())  # first statement: exactly the command's parameters
     verbosity = configure_logging(verbose, quiet)
-    guarded(
-        verbosity,
-        lambda: _run(
-            {
-                "command": "describe",
-                "scene": scene,
-                "output": output or Path(f"{Path(scene).stem}_describe.gpkg"),
-                "model": model,
-                "prompt": prompt,
-                "max_new_tokens": max_new_tokens,
-                "device": device,
-                "dtype": dtype,
-                "bidx": _parse_bidx(bidx),
-                "tile_size": tile_size,
-                "overlap": overlap,
-                "hd_num": hd_num,
-                "batch_size": batch_size,
-                "min_area": min_area,
-                "simplify": simplify,
-                "min_valid": min_valid,
-                "mask_raster": mask_raster,
-                "preview": preview,
-                "overwrite": overwrite,
-                "resume": resume,
-            },
-            verbosity,
-        ),
-    )
+    default_out = Path(f"{Path(scene).stem}_describe.gpkg")
+    guarded(verbosity, lambda: _run(_config_kwargs("describe", params, default_out), verbosity))
 
 
 @app.command()
@@ -224,38 +220,10 @@ def segment(
 
     Example: geopixel segment scene.tif "storage tanks near the harbor" --top-k 20
     """
+    params = dict(locals())  # first statement: exactly the command's parameters
     verbosity = configure_logging(verbose, quiet)
     default_out = Path(f"{Path(scene).stem}_{_slug(expression)}.gpkg")
-    guarded(
-        verbosity,
-        lambda: _run(
-            {
-                "command": "segment",
-                "scene": scene,
-                "expression": expression,
-                "output": output or default_out,
-                "model": model,
-                "top_k": top_k,
-                "min_score": min_score,
-                "max_new_tokens": max_new_tokens,
-                "device": device,
-                "dtype": dtype,
-                "bidx": _parse_bidx(bidx),
-                "tile_size": tile_size,
-                "overlap": overlap,
-                "hd_num": hd_num,
-                "batch_size": batch_size,
-                "min_area": min_area,
-                "simplify": simplify,
-                "min_valid": min_valid,
-                "mask_raster": mask_raster,
-                "preview": preview,
-                "overwrite": overwrite,
-                "resume": resume,
-            },
-            verbosity,
-        ),
-    )
+    guarded(verbosity, lambda: _run(_config_kwargs("segment", params, default_out), verbosity))
 
 
 def _print_info(summary: dict[str, Any]) -> None:

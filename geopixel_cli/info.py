@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from geopixel_cli.raster import SceneInfo
-from geopixel_cli.tiling import grid
+from geopixel_cli.tiling import grid, grid_shape
 
 
 def scene_summary(
@@ -27,7 +27,7 @@ def scene_summary(
 
     tiles = grid(info.width, info.height, tile_size=tile_size, overlap=overlap)
     crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
-    n_rows = max(t.row for t in tiles) + 1
+    n_rows, n_cols = grid_shape(info.width, info.height, tile_size=tile_size, overlap=overlap)
     preview = info.valid_preview
     sy, sx = preview.shape[0] / info.height, preview.shape[1] / info.width
     skipped = 0
@@ -58,7 +58,7 @@ def scene_summary(
             "tile_size": tile_size,
             "overlap": overlap,
             "rows": n_rows,
-            "cols": len(tiles) // n_rows,
+            "cols": n_cols,
             "tiles": len(tiles),
         },
         "work": {

@@ -116,13 +116,12 @@ class Georef:
         return abs(float(area)), float(perimeter)
 
 
-def check_output(path: Path, *, overwrite: bool, resume: bool = False) -> None:
+def check_output(path: Path, *, overwrite: bool) -> None:
     """Refuse an output we must not or cannot write, before any work starts.
 
     Args:
         path: Output path.
         overwrite: Whether an existing output may be replaced.
-        resume: Whether the run continues an interrupted one (an existing finished output is still refused).
 
     Raises:
         UserError: Unsupported extension, existing output without ``--overwrite``, missing

@@ -24,7 +24,7 @@ from typing import Any
 from geopixel_cli.eval.errors import EvalError
 from geopixel_cli.eval.rle import Rle, check_rle
 
-_PHRASE = re.compile(r"<p>(.*?)</p>")
+PHRASE_RE = re.compile(r"<p>(.*?)</p>")  # a grounded phrase; also used by geopixeld.py
 
 
 @dataclass
@@ -321,7 +321,7 @@ def phrases_from_text(text: str) -> list[str]:
     Returns:
         The phrases in order, including phrases not followed by ``[SEG]``.
     """
-    return [p.strip() for p in _PHRASE.findall(_flatten(text))]
+    return [p.strip() for p in PHRASE_RE.findall(_flatten(text))]
 
 
 def _flatten(text: str) -> str:

@@ -10,15 +10,13 @@ OpenCV fill differs from it by a pixel at boundaries.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from geopixel_cli.eval.errors import EvalError
-from geopixel_cli.eval.gcg_data import GcgImage
+from geopixel_cli.eval.gcg_data import PHRASE_RE, GcgImage
 from geopixel_cli.eval.rle import Rle
 
-_PHRASE = re.compile(r"<p>(.*?)</p>")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -78,7 +76,7 @@ def read_geopixeld_record(file: Path, *, first_ann_id: int = 1) -> GcgImage:
     text, polygons = record.get("gcg_description"), record.get("polygons")
     if not isinstance(text, str) or not isinstance(polygons, list):
         raise EvalError(f"{file.name}: needs 'gcg_description' (str) and 'polygons' (list)")
-    labels = [p.strip() for p in _PHRASE.findall(text)]
+    labels = [p.strip() for p in PHRASE_RE.findall(text)]
     n_seg = text.count("[SEG]")
     if not len(labels) == n_seg == len(polygons):
         raise EvalError(
