@@ -78,6 +78,10 @@ class VisionTower(nn.Module):
     def patch_features(self, pixel_crops: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
         """CLIP last-layer patch features (before ``post_layernorm``), CLS dropped.
 
+        The crops are cast to the module's dtype where they are (the CPU, typically) and moved
+        to its device one chunk at a time, so the device never holds a float32 copy of the
+        whole batch (about 1.1 GB for 20 tiles of 10 crops).
+
         Args:
             pixel_crops: ``(N, 3, S, S)`` normalized crops (any float dtype, any device).
             batch_size: Crops per CLIP call (all at once when None); bounds attention memory.
@@ -86,9 +90,11 @@ class VisionTower(nn.Module):
             ``(N, (S/patch)², C)`` in the module's dtype, on its device.
         """
         ref = self.plora_glb_GN
-        x = pixel_crops.to(device=ref.device, dtype=ref.dtype)
+        x = pixel_crops.to(dtype=ref.dtype)  # (N, 3, S, S), still where the caller made it
         step = batch_size or max(1, x.shape[0])
-        outs = [self.clip(pixel_values=chunk).last_hidden_state[:, 1:] for chunk in x.split(step)]
+        outs = [
+            self.clip(pixel_values=chunk.to(ref.device)).last_hidden_state[:, 1:] for chunk in x.split(step)
+        ]
         return torch.cat(outs, dim=0)  # (N, P, C)
 
     def arrange(self, features: torch.Tensor, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
