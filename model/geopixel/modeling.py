@@ -6,6 +6,10 @@ final-normed hidden states at the input positions of the generated ``[SEG]`` tok
 ``text_hidden_fcs`` projects into SAM-2 prompts on the image resized to 1024² (§8.2–8.5). Several
 images are batched through CLIP, one left-padded LLM generation and one SAM-2 encoder pass.
 
+Every call is :meth:`GeoPixel.run_prepared` of :meth:`GeoPixel.prepare`: the CPU half (loading,
+HD division, normalization, SAM-2 resize; :mod:`geopixel.host`) can run on other threads
+ahead of the device half.
+
 The reference silently truncates prompts at ``max_length``; here an image whose crop grid would
 not leave room for ``max_new_tokens`` is divided on a smaller grid (logged), and a prompt that
 cannot fit even with one tile is refused with a ``ValueError``.
@@ -13,30 +17,27 @@ cannot fit even with one tile is refused with a ``ValueError``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from geopixel.checkpoint import load_checkpoint, resolve_checkpoint
 from geopixel.config import GeoPixelConfig
-from geopixel.generate import DecodeFn, GenerationOutput, compile_decode_step, generate
+from geopixel.generate import DecodeFn, compile_decode_step, generate
 from geopixel.grounding import Grounding, MaskOutput
-from geopixel.hd_divider import Grid, apply_grid, crops_for_clip, image_token_count, normalize_clip, plan_grid
+from geopixel.hd_divider import Grid
+from geopixel.host import ImageInput, PreparedBatch, clip_crops, collect_result, fit_grid, load_image
 from geopixel.llm import InternLM2
 from geopixel.result import GeoPixelResult
-from geopixel.tokenizer import GCG_QUERY, RRSIS_TEMPLATE, GeoPixelTokenizer, parse_phrases
+from geopixel.tokenizer import GCG_QUERY, RRSIS_TEMPLATE, GeoPixelTokenizer
 from geopixel.vision import VisionTower
 
-ImageInput = np.ndarray | str | Path | Image.Image
 CLIP_BATCH = 32  # crops per CLIP call: bounds activation memory for large batches of images
 SAM_BATCH = 4  # images per SAM-2 encoder call
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class GeoPixel(nn.Module):
         Returns:
             Text, phrases, one mask per ``[SEG]`` at the image size, scores, token ids.
         """
-        return self._run([image], [prompt or GCG_QUERY], hd_num=hd_num, max_new_tokens=max_new_tokens,
+        return self._run([image], [self.describe_query(prompt)], hd_num=hd_num, max_new_tokens=max_new_tokens,
                          temperature=temperature, stream=stream)[0]
 
     def segment(
@@ -214,7 +215,7 @@ class GeoPixel(nn.Module):
         Returns:
             One result per image, in order.
         """
-        queries = [prompt or GCG_QUERY] * len(images)
+        queries = [self.describe_query(prompt)] * len(images)
         return self._run(
             images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, temperature=temperature,
             keep_mask_logits=keep_mask_logits,
@@ -244,14 +245,91 @@ class GeoPixel(nn.Module):
         exprs = [expression] * len(images) if isinstance(expression, str) else list(expression)
         if len(exprs) != len(images):
             raise ValueError(f"{len(exprs)} expressions for {len(images)} images")
-        queries = [RRSIS_TEMPLATE.format(e) for e in exprs]
+        queries = [self.segment_query(e) for e in exprs]
         return self._run(
             images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, keep_mask_logits=keep_mask_logits
         )
 
     # ---- stages -----------------------------------------------------------------------------
 
+    def prepare(
+        self,
+        images: Sequence[ImageInput],
+        queries: str | Sequence[str],
+        *,
+        hd_num: int = 9,
+        max_new_tokens: int = 1024,
+    ) -> PreparedBatch:
+        """The CPU half of a call: load, tokenize, divide and normalize, touching no accelerator.
+
+        Builds each image's CLIP crops (HD divide, normalization, bicubic global view) and its
+        SAM-2 1024² input, in the model dtype on the CPU. Thread-safe: run it on worker threads
+        for the next batch while the device runs :meth:`run_prepared` on the current one.
+        ``describe_batch(images, ...)`` is ``run_prepared(prepare(images, describe_query(prompt)))``.
+
+        Args:
+            images: Images as in :meth:`describe`.
+            queries: The full question for every image, or one per image (see
+                :meth:`describe_query`, :meth:`segment_query`).
+            hd_num: Crop budget.
+            max_new_tokens: Generation limit (also the room kept free in the context).
+
+        Returns:
+            The prepared batch (join several with :meth:`PreparedBatch.join` or pass a list to
+            :meth:`run_prepared`).
+
+        Raises:
+            ValueError: Bad image arrays, a query count that does not match, or a prompt that
+                cannot fit the context even on one tile.
+        """
+        return self._prepare(images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, sam=True)
+
     @torch.inference_mode()
+    def run_prepared(
+        self,
+        prepared: PreparedBatch | Sequence[PreparedBatch],
+        *,
+        temperature: float = 0.0,
+        stream: Callable[[str], None] | None = None,
+        forced_token_ids: Tensor | None = None,
+        keep_mask_logits: bool = False,
+    ) -> list[GeoPixelResult]:
+        """The device half of a call: CLIP, generation with the KV cache, SAM-2 masks.
+
+        Args:
+            prepared: Output of :meth:`prepare`, or several (run as one batch, in order).
+            temperature: 0 = greedy.
+            stream: Called with each new piece of the first image's answer text.
+            forced_token_ids: Teacher forcing (B, max_new_tokens) (scoring, parity tests).
+            keep_mask_logits: Also return the float16 mask logits (see :meth:`describe_batch`).
+
+        Returns:
+            One result per image, in order.
+        """
+        batch = prepared if isinstance(prepared, PreparedBatch) else PreparedBatch.join(prepared)
+        if not len(batch):
+            return []
+        prompts = self.embed_prompts(batch)
+        out = generate(
+            self.llm,
+            None,
+            [p.embeds for p in prompts],
+            [p.im_mask for p in prompts],
+            max_new_tokens=batch.max_new_tokens,
+            seg_id=self.config.seg_token_id,
+            eos_id=self.config.llm.eos_token_id,
+            temperature=temperature,
+            stream_callback=self._streamer(stream),
+            forced_token_ids=forced_token_ids,
+            decode_fn=self._decode_fn,
+        )
+        masks = self.ground(batch, out.seg_hidden)
+        tok, keep = self._tok(), keep_mask_logits
+        return [
+            collect_result(out, b, masks[b], tokenizer=tok, hw=batch.images[b].shape[:2], keep_logits=keep)
+            for b in range(len(batch))
+        ]
+
     def _run(
         self,
         images: Sequence[ImageInput],
@@ -264,36 +342,25 @@ class GeoPixel(nn.Module):
         forced_token_ids: Tensor | None = None,
         keep_mask_logits: bool = False,
     ) -> list[GeoPixelResult]:
+        """``run_prepared(prepare(...))``: the one code path of every public call."""
         if not images:
             return []
-        arrays = [load_image(im) for im in images]
-        prompts = self.build_prompts(arrays, queries, hd_num=hd_num, max_new_tokens=max_new_tokens)
-        out = generate(
-            self.llm,
-            None,
-            [p.embeds for p in prompts],
-            [p.im_mask for p in prompts],
-            max_new_tokens=max_new_tokens,
-            seg_id=self.config.seg_token_id,
-            eos_id=self.config.llm.eos_token_id,
+        prepared = self.prepare(images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens)
+        return self.run_prepared(
+            prepared,
             temperature=temperature,
-            stream_callback=self._streamer(stream),
+            stream=stream,
             forced_token_ids=forced_token_ids,
-            decode_fn=self._decode_fn,
+            keep_mask_logits=keep_mask_logits,
         )
-        masks = self.ground(arrays, out.seg_hidden)
-        return [
-            self._result(out, b, masks[b], hw=arrays[b].shape[:2], keep_logits=keep_mask_logits)
-            for b in range(len(arrays))
-        ]
 
     def build_prompts(
-        self, images: Sequence[np.ndarray], queries: Sequence[str], *, hd_num: int, max_new_tokens: int
+        self, images: Sequence[ImageInput], queries: Sequence[str], *, hd_num: int, max_new_tokens: int
     ) -> list[Prompt]:
         """Divide and embed the images (one CLIP batch) and wrap each in its chat prompt (§5.1).
 
         Args:
-            images: (H, W, 3) uint8 RGB arrays.
+            images: Images as in :meth:`describe`.
             queries: One question per image.
             hd_num: Crop budget.
             max_new_tokens: Room to keep free in the context for the answer.
@@ -304,20 +371,25 @@ class GeoPixel(nn.Module):
         Raises:
             ValueError: A prompt cannot fit ``max_length`` even on a single tile.
         """
+        prepared = self._prepare(images, queries, hd_num=hd_num, max_new_tokens=max_new_tokens, sam=False)
+        return self.embed_prompts(prepared)
+
+    def embed_prompts(self, prepared: PreparedBatch) -> list[Prompt]:
+        """Embed prepared crops (CLIP, ``CLIP_BATCH`` crops per call) and text into chat prompts.
+
+        Args:
+            prepared: Output of :meth:`prepare`.
+
+        Returns:
+            One :class:`Prompt` per image, on the model's device.
+        """
         tok = self._tok()
-        text_ids = [tok.inference_prompt_ids(q) for q in queries]
-        pairs = list(zip(images, text_ids, strict=True))
-        grids = [self._fit_grid(im, hd_num, len(ids) + 1 + max_new_tokens) for im, ids in pairs]
-        tile = self.config.vision.image_size
-        crops = [
-            crops_for_clip(normalize_clip(apply_grid(im, g)), g, tile=tile)
-            for im, g in zip(images, grids, strict=True)
-        ]
-        grid_shapes = [(g.rows, g.cols) for g in grids]
-        image_embeds = self.vision(torch.cat(crops).to(self.device), grid_shapes, batch_size=CLIP_BATCH)
+        grid_shapes = [(g.rows, g.cols) for g in prepared.grids]
+        # CPU crops in the model dtype: the tower moves them one CLIP_BATCH chunk at a time.
+        image_embeds = self.vision(torch.cat(prepared.crops), grid_shapes, batch_size=CLIP_BATCH)
         embed = self.llm.tok_embeddings
         out = []
-        for img, ids, grid in zip(image_embeds, text_ids, grids, strict=True):
+        for img, ids, grid in zip(image_embeds, prepared.text_ids, prepared.grids, strict=True):
             bos = embed(torch.tensor([tok.bos_id], device=self.device))  # (1, C)
             text = embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T, C)
             embeds = torch.cat([bos, img.to(bos.dtype), text])  # (1 + L_img + T, C)
@@ -326,29 +398,64 @@ class GeoPixel(nn.Module):
             out.append(Prompt(embeds, im_mask, [tok.bos_id] + [-1] * img.shape[0] + ids, grid))
         return out
 
-    def ground(self, images: Sequence[np.ndarray], seg_hidden: Sequence[Tensor]) -> list[MaskOutput | None]:
+    def ground(self, prepared: PreparedBatch, seg_hidden: Sequence[Tensor]) -> list[MaskOutput | None]:
         """SAM-2 masks for the ``[SEG]`` hidden states of each image (None where there are none).
 
         Only the images that have at least one ``[SEG]`` go through the SAM-2 encoder, batched
-        ``SAM_BATCH`` at a time.
+        ``SAM_BATCH`` at a time (each chunk moved to the device on its own).
 
         Args:
-            images: (H, W, 3) uint8 RGB arrays.
+            prepared: The batch (its SAM-2 inputs; computed here when it has none).
             seg_hidden: Per image, (n_seg, C) final-normed hidden states.
 
         Returns:
             Per image, the selected masks at the original size, or None.
         """
         todo = [b for b, h in enumerate(seg_hidden) if h.shape[0] > 0]
-        out: list[MaskOutput | None] = [None] * len(images)
+        out: list[MaskOutput | None] = [None] * len(prepared)
         for start in range(0, len(todo), SAM_BATCH):
             chunk = todo[start : start + SAM_BATCH]
-            pixels = self.grounding.preprocess([images[b] for b in chunk], device=self.device)
-            features = self.grounding.encode_images(pixels)  # image_embed (n, d, 64, 64)
+            if prepared.sam_pixels is not None:
+                pixels = torch.stack([prepared.sam_pixels[b] for b in chunk])  # (n, 3, 1024, 1024)
+            else:
+                pixels = self.grounding.preprocess([prepared.images[b] for b in chunk]).to(self.dtype)
+            features = self.grounding.encode_images(pixels.to(self.device))  # image_embed (n, d, 64, 64)
             for j, b in enumerate(chunk):
                 prompts = self.grounding.project_seg(seg_hidden[b].to(self.dtype))  # (n_seg, out_dim)
-                out[b] = self.grounding.decode_masks(features, prompts, orig_hw=images[b].shape[:2], index=j)
+                hw = prepared.images[b].shape[:2]
+                out[b] = self.grounding.decode_masks(features, prompts, orig_hw=hw, index=j)
         return out
+
+    @staticmethod
+    def describe_query(prompt: str | None = None) -> str:
+        """The question :meth:`describe` asks: ``prompt``, or the GCG query when None."""
+        return prompt or GCG_QUERY
+
+    @staticmethod
+    def segment_query(expression: str) -> str:
+        """The question :meth:`segment` asks for ``expression`` (the RRSIS template)."""
+        return RRSIS_TEMPLATE.format(expression)
+
+    def _prepare(
+        self,
+        images: Sequence[ImageInput],
+        queries: str | Sequence[str],
+        *,
+        hd_num: int,
+        max_new_tokens: int,
+        sam: bool,
+    ) -> PreparedBatch:
+        arrays = [load_image(im) for im in images]
+        qs = [queries] * len(arrays) if isinstance(queries, str) else list(queries)
+        if len(qs) != len(arrays):
+            raise ValueError(f"{len(qs)} queries for {len(arrays)} images")
+        tok, dtype, tile = self._tok(), self.dtype, self.config.vision.image_size
+        text_ids = [tok.inference_prompt_ids(q) for q in qs]
+        reserved = [len(ids) + 1 + max_new_tokens for ids in text_ids]  # BOS + question + answer
+        grids = [self._fit_grid(a, hd_num, n) for a, n in zip(arrays, reserved, strict=True)]
+        crops = [clip_crops(a, g, tile=tile, dtype=dtype) for a, g in zip(arrays, grids, strict=True)]
+        pixels = [self.grounding.preprocess([a])[0].to(dtype) for a in arrays] if sam else None
+        return PreparedBatch(arrays, text_ids, grids, crops, pixels, max_new_tokens)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -358,26 +465,8 @@ class GeoPixel(nn.Module):
         return self.tokenizer
 
     def _fit_grid(self, image: np.ndarray, hd_num: int, reserved: int) -> Grid:
-        """The reference's crop grid, or the largest smaller one whose prompt fits ``max_length``."""
-        height, width = image.shape[:2]
-        limit = self.config.llm.max_length
-        g = self.config.vision.merged_grid
-        grid = plan_grid(width, height, hd_num, rule="inference")
-        cap = grid.num_tiles
-        while image_token_count(grid.rows, grid.cols, merged_grid=g) + reserved > limit:
-            cap -= 1
-            if cap < 1:
-                raise ValueError(
-                    f"the prompt cannot fit the model's {limit}-token context with {reserved} tokens of text "
-                    f"and answer, even on one tile: lower max_new_tokens"
-                )
-            grid = plan_grid(width, height, hd_num, rule="inference", max_tiles=cap)
-        if grid.downscaled:
-            logger.warning(
-                "%dx%d image divided on %dx%d tiles instead of the reference's grid so that prompt + "
-                "max_new_tokens fit the %d-token context", width, height, grid.rows, grid.cols, limit,
-            )
-        return grid
+        """The reference's crop grid, or the largest smaller one whose prompt fits (see :func:`fit_grid`)."""
+        return fit_grid(image, hd_num, reserved=reserved, config=self.config)
 
     def _streamer(self, stream: Callable[[str], None] | None) -> Callable[[list[int]], None] | None:
         if stream is None:
@@ -392,73 +481,3 @@ class GeoPixel(nn.Module):
                 sent[0] = text
 
         return on_tokens
-
-    def _result(
-        self,
-        out: GenerationOutput,
-        b: int,
-        masks: MaskOutput | None,
-        *,
-        hw: tuple[int, int],
-        keep_logits: bool,
-    ) -> GeoPixelResult:
-        """One image's result; masks are thresholded on the device and copied to the host as bools.
-
-        The full-size logits (4 bytes a pixel per [SEG]) are copied only when ``keep_logits``,
-        as float16 (half the transfer; SAM-2 logits are small numbers, well inside its range),
-        see :func:`_half_logits`.
-        """
-        text = self._tok().response_text(out.token_ids[b])
-        n = out.seg_hidden[b].shape[0]
-        logits: np.ndarray | None = None
-        if masks is None:
-            mask_arr, scores = np.zeros((0, *hw), np.bool_), np.zeros((0,), np.float32)
-            if keep_logits:
-                logits = np.zeros((0, *hw), np.float16)
-        else:
-            positive = masks.mask_logits > 0  # (n, H, W) bool, on the device
-            mask_arr, scores = positive.cpu().numpy(), masks.iou.float().cpu().numpy()
-            if keep_logits:
-                logits = _half_logits(masks.mask_logits, positive).cpu().numpy()
-        return GeoPixelResult(
-            text=text,
-            phrases=parse_phrases(text, n_masks=n),
-            masks=mask_arr,
-            scores=scores,
-            token_ids=list(out.token_ids[b]),
-            seg_hidden=out.seg_hidden[b].float().cpu().numpy(),
-            mask_logits=logits,
-        )
-
-
-def _half_logits(logits: Tensor, positive: Tensor) -> Tensor:
-    """``logits`` in float16, positive values kept positive (so ``masks == mask_logits > 0``).
-
-    Positive logits below half of float16's smallest subnormal (2**-24) would round to 0; they
-    are stored as 2**-24 instead.
-    """
-    half = logits.to(torch.float16)
-    return half.masked_fill_(positive & (half == 0), 2.0**-24)
-
-
-def load_image(image: ImageInput) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB array from an array, a PIL image or a path.
-
-    Args:
-        image: (H, W, 3) uint8 array (used as is), PIL image or file path (converted to RGB, so
-            grayscale, palette and RGBA files work, unlike in the reference).
-
-    Returns:
-        The RGB array.
-
-    Raises:
-        ValueError: An array that is not (H, W, 3) uint8.
-    """
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
-        return image
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
-    with Image.open(image) as pil:
-        return np.array(pil.convert("RGB"))

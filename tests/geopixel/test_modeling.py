@@ -182,3 +182,44 @@ def test_compiled_decode_gives_the_eager_tokens_seg_hidden_and_masks(golden_dir:
     assert model.describe(images[0], hd_num=1, max_new_tokens=8).token_ids == greedy
     model.free_caches()
     assert model.llm.layers[0].attention.kv_cache is None and model.llm.cache_len == 0
+
+
+def test_prepare_then_run_prepared_is_the_one_code_path(
+    model: GeoPixel, golden_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geopixel import modeling
+    from geopixel.host import PreparedBatch
+
+    images = [load_image(golden_dir / "images" / n) for n in ("img_800x800.png", "img_1000x600.png")]
+    queries = [model.segment_query(e) for e in ("red car", "trees")]
+    forced = _forced_answer(model, 2)
+    kw = {"hd_num": 1, "max_new_tokens": forced.shape[1]}
+    parts = [model.prepare([im], q, **kw) for im, q in zip(images, queries, strict=True)]
+    for part, image in zip(parts, images, strict=True):
+        assert len(part) == 1 and part.sam_pixels is not None and part.max_new_tokens == forced.shape[1]
+        assert part.crops[0].device.type == "cpu" and part.crops[0].dtype == model.dtype
+        assert part.crops[0].shape == (1 + part.grids[0].num_tiles, 3, 560, 560)
+        assert part.sam_pixels[0].shape == (3, 1024, 1024) and part.sam_pixels[0].dtype == model.dtype
+        assert part.images[0] is image
+    seen: list[tuple[int, torch.dtype]] = []
+
+    def record(_module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.append((kwargs["pixel_values"].shape[0], kwargs["pixel_values"].dtype))
+
+    monkeypatch.setattr(modeling, "CLIP_BATCH", 3)
+    hook = model.vision.clip.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        ours = model.run_prepared(parts, forced_token_ids=forced, keep_mask_logits=True)
+    finally:
+        hook.remove()
+    n_crops = sum(p.crops[0].shape[0] for p in parts)
+    assert [k for k, _ in seen] == [3] * (n_crops // 3) + [n_crops % 3] * (n_crops % 3 > 0)
+    assert {dtype for _, dtype in seen} == {model.dtype}
+    ref = model._run(images, queries, forced_token_ids=forced, keep_mask_logits=True, **kw)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.token_ids == b.token_ids and np.array_equal(a.masks, b.masks)
+        assert np.array_equal(a.seg_hidden, b.seg_hidden) and np.array_equal(a.mask_logits, b.mask_logits)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        PreparedBatch.join([parts[0], model.prepare(images[:1], queries[0], hd_num=1, max_new_tokens=3)])
+    with pytest.raises(ValueError, match="queries"):
+        model.prepare(images, queries[:1], hd_num=1, max_new_tokens=3)
