@@ -1,7 +1,9 @@
 """Scene -> tiles -> batches -> model -> pieces -> seam merge -> layers, with threads and resume.
 
-Reader threads read and stretch tiles ahead of the model (each thread owns a dataset handle);
-the calling thread batches tiles and runs the model; a writer thread vectorizes each batch and
+Reader threads read and stretch tiles ahead of the model (each thread owns a dataset handle) and,
+when the model has ``prepare``/``run_prepared`` (``geopixel.GeoPixel``), also do its CPU work
+(HD division, normalization, SAM-2 resize; a few tens of MB a tile in the model dtype); the
+calling thread batches tiles and runs the model; a writer thread vectorizes each batch and
 appends it to the journal. Peak memory is set by the batch size and the read-ahead, not by the
 scene. When every tile is done the pieces are merged across seams and the layers are written
 atomically; ``--resume`` reuses the journal's finished tiles and gives the same layers.
@@ -16,12 +18,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
+
+import numpy as np
 
 from geopixel_cli.errors import UserError
 from geopixel_cli.journal import Journal, journal_path, piece_from_json, piece_to_json
@@ -89,12 +93,81 @@ def _accepts(method: Any, name: str) -> bool:
         return False
 
 
-def _call_model(net: SceneModel, images: list[Any], config: RunConfig) -> list[Any]:
+class PreparingModel(SceneModel, Protocol):
+    """A :class:`~geopixel_cli.loader.SceneModel` that also splits a call in a CPU and a device half.
+
+    ``geopixel.GeoPixel`` has these methods; the pipeline uses them when all are present.
+    """
+
+    def prepare(self, images: list[np.ndarray], queries: str, *, hd_num: int, max_new_tokens: int) -> Any:
+        """CPU-only, thread-safe preparation of (H, W, 3) uint8 images for ``queries``."""
+        ...
+
+    def run_prepared(self, prepared: list[Any], *, keep_mask_logits: bool = False) -> list[Any]:
+        """The device half for one or more prepared batches, one ``GeoPixelResult`` per image."""
+        ...
+
+    def describe_query(self, prompt: str | None = None) -> str:
+        """The question ``describe_batch`` asks."""
+        ...
+
+    def segment_query(self, expression: str) -> str:
+        """The question ``segment_batch`` asks for ``expression``."""
+        ...
+
+
+_PREPARING_METHODS = ("prepare", "run_prepared", "describe_query", "segment_query")
+
+
+def _preparing(net: SceneModel) -> PreparingModel | None:
+    return cast(PreparingModel, net) if all(hasattr(net, m) for m in _PREPARING_METHODS) else None
+
+
+def tile_preparer(net: SceneModel, config: RunConfig) -> Callable[[np.ndarray], Any] | None:
+    """The model's CPU half for one tile's RGB, to run on the reader threads; None if it has none.
+
+    ``geopixel.GeoPixel`` splits a call into ``prepare`` (load, HD divide, normalize, SAM-2
+    resize: CPU only, thread-safe) and ``run_prepared`` (the device). Calling ``prepare`` where
+    the tiles are read keeps that CPU work off the model's thread, so the device does not wait
+    for it. Models without these methods (:class:`PreparingModel`; the ``SceneModel`` protocol
+    only asks for ``describe_batch``/``segment_batch``) are called with the pixels.
+
+    Args:
+        net: The model.
+        config: Run options.
+
+    Returns:
+        ``rgb (H, W, 3) uint8 -> prepared tile``, or None.
+    """
+    model = _preparing(net)
+    if model is None:
+        return None
+    if config.command == "describe":
+        query = model.describe_query(config.prompt)
+    else:
+        assert config.expression is not None
+        query = model.segment_query(config.expression.strip())
+    hd_num, budget = config.hd_num, config.max_new_tokens
+
+    def prepare_tile(rgb: np.ndarray) -> Any:
+        return model.prepare([rgb], query, hd_num=hd_num, max_new_tokens=budget)
+
+    return prepare_tile
+
+
+def _call_model(net: SceneModel, batch: list[tuple[TileSpec, TileData, Any]], config: RunConfig) -> list[Any]:
     """One batch through the model; mask logits are asked for when the model can return them.
 
-    The logits give every vectorized region its own score (mean probability inside it, see
-    :func:`geopixel_cli.vectorize.tile_pieces`) instead of the whole mask's predicted IoU.
+    Tiles prepared on the reader threads go to ``run_prepared``; otherwise the pixels go to
+    ``describe_batch``/``segment_batch``. The logits give every vectorized region its own score
+    (mean probability inside it, see :func:`geopixel_cli.vectorize.tile_pieces`) instead of the
+    whole mask's predicted IoU.
     """
+    prepared = [p for _, _, p in batch]
+    model = _preparing(net)
+    if model is not None and all(p is not None for p in prepared):
+        return model.run_prepared(prepared, keep_mask_logits=True)
+    images = [d.rgb for _, d, _ in batch]
     method = net.describe_batch if config.command == "describe" else net.segment_batch
     extra = {"keep_mask_logits": True} if _accepts(method, "keep_mask_logits") else {}
     if config.command == "describe":
@@ -135,20 +208,30 @@ def tile_record(tile: TileSpec, data: TileData, result: Any | None, config: RunC
 
 
 def _read_ahead(
-    todo: list[TileSpec], info: SceneInfo, config: RunConfig
-) -> Iterator[tuple[TileSpec, TileData]]:
-    """Tiles with their pixels, in order, read by a thread pool a bounded number of tiles ahead."""
+    todo: list[TileSpec],
+    info: SceneInfo,
+    config: RunConfig,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[tuple[TileSpec, TileData, Any]]:
+    """Tiles with their pixels, in order, read by a thread pool a bounded number of tiles ahead.
+
+    With ``prepare`` (see :func:`tile_preparer`), each tile that will reach the model (valid
+    fraction at least ``min_valid``) is also prepared on the reader thread; the third item is the
+    prepared tile, else None.
+    """
     local = threading.local()
     readers: list[SceneReader] = []
 
-    def read(tile: TileSpec) -> TileData:
+    def read(tile: TileSpec) -> tuple[TileData, Any]:
         if not hasattr(local, "reader"):
             local.reader = SceneReader(info)
             readers.append(local.reader)
-        return local.reader.read(tile.window)
+        data = local.reader.read(tile.window)
+        ready = prepare is not None and data.valid.mean() >= config.min_valid
+        return data, prepare(data.rgb) if ready and prepare is not None else None
 
     lookahead = 2 * (config.batch_size or 1) + config.readers
-    pending: deque[tuple[TileSpec, Future[TileData]]] = deque()
+    pending: deque[tuple[TileSpec, Future[tuple[TileData, Any]]]] = deque()
     tiles = iter(todo)
     with ThreadPoolExecutor(config.readers, thread_name_prefix="geopixel-read") as pool:
         try:
@@ -161,7 +244,8 @@ def _read_ahead(
                 nxt = next(tiles, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(read, nxt)))
-                yield tile, future.result()
+                data, prepared = future.result()
+                yield tile, data, prepared
         finally:
             for _, future in pending:
                 future.cancel()
@@ -215,20 +299,20 @@ def process_tiles(
     """
     writer = _Writer(journal, config, on_done)
     writer.start()
-    batch: list[tuple[TileSpec, TileData]] = []
+    batch: list[tuple[TileSpec, TileData, Any]] = []
     try:
-        for tile, data in _read_ahead(todo, info, config):
+        for tile, data, prepared in _read_ahead(todo, info, config, tile_preparer(net, config)):
             if data.valid.mean() < config.min_valid:
                 writer.put([(tile, data, None)])
                 continue
-            batch.append((tile, data))
+            batch.append((tile, data, prepared))
             if len(batch) >= (config.batch_size or 1):
-                results = _call_model(net, [d.rgb for _, d in batch], config)
-                writer.put([(t, d, r) for (t, d), r in zip(batch, results, strict=True)])
+                results = _call_model(net, batch, config)
+                writer.put([(t, d, r) for (t, d, _), r in zip(batch, results, strict=True)])
                 batch = []
         if batch:
-            results = _call_model(net, [d.rgb for _, d in batch], config)
-            writer.put([(t, d, r) for (t, d), r in zip(batch, results, strict=True)])
+            results = _call_model(net, batch, config)
+            writer.put([(t, d, r) for (t, d, _), r in zip(batch, results, strict=True)])
     finally:
         writer.inbox.put(None)
         writer.join()

@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,3 +373,42 @@ def test_pipeline_asks_for_mask_logits_and_scores_regions_with_them(tmp_path):
     _check_objects(top, tuple(r for r in RECTS if r.colour == "red"), UTM)
     prob = 1 / (1 + math.exp(-2.0))
     assert top["score"].tolist() == pytest.approx([0.9 * prob] * 3, rel=1e-3)
+
+
+@dataclass
+class _PreparingModel(ScriptedModel):
+    """Scripted double with GeoPixel's split: ``prepare`` (CPU) and ``run_prepared`` (device)."""
+
+    prepared_on: list = field(default_factory=list)
+    run_on: list = field(default_factory=list)
+
+    def describe_query(self, prompt=None):
+        return prompt or "describe"
+
+    def segment_query(self, expression):
+        return f"segment {expression}"
+
+    def prepare(self, images, queries, *, hd_num, max_new_tokens):
+        self.prepared_on.append(threading.current_thread().name)
+        return {"images": images, "query": queries, "hd_num": hd_num}
+
+    def run_prepared(self, prepared, *, keep_mask_logits=False):
+        self.run_on.append(threading.current_thread().name)
+        assert keep_mask_logits and all(p["hd_num"] == 9 for p in prepared)
+        images = [im for p in prepared for im in p["images"]]
+        if prepared[0]["query"] == "describe":
+            return self.describe_batch(images)
+        return self.segment_batch(images, prepared[0]["query"].removeprefix("segment "))
+
+
+def test_tiles_are_prepared_on_reader_threads_when_the_model_can(tmp_path):
+    scene = make_scene(tmp_path / "scene.tif", border=12, nodata=0, rects=RECTS)
+    model = _PreparingModel()
+    run(_config(scene, tmp_path / "out.gpkg", readers=2, batch_size=3), model=model)
+    assert len(model.prepared_on) == sum(model.calls) == 9  # every tile goes through prepare once
+    assert all(name.startswith("geopixel-read") for name in model.prepared_on)
+    assert model.run_on == [threading.main_thread().name] * len(model.calls) and model.calls == [3, 3, 3]
+    _check_objects(pyogrio.read_dataframe(tmp_path / "out.gpkg", layer="objects"), RECTS, UTM)
+    seg = _PreparingModel()
+    run(_config(scene, tmp_path / "seg.gpkg", command="segment", expression=" red roofs "), model=seg)
+    assert len(seg.prepared_on) == 9
