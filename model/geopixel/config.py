@@ -3,8 +3,8 @@
 Every size the network needs lives here, once. The released checkpoints carry only the LLM
 fields in their ``config.json``; the sizes the reference code hard-codes (CLIP tower, SAM-2,
 projector, PLoRA ranks) come from a ``tiny_dims.json`` next to it when present (the golden
-fixture), else from the tensor shapes, else they default to the released model's values
-(CLIP ViT-L/14-560, SAM-2 Hiera-L).
+fixture), else they are the released model's values (CLIP ViT-L/14-560, SAM-2 Hiera-L). They are
+never inferred from the weights' shapes: a checkpoint whose tensors disagree fails to load.
 """
 
 from __future__ import annotations

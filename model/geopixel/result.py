@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_MARKERS = ("<p>", "</p>", "[SEG]")  # geopixel.tokenizer's BOP_TOKEN, EOP_TOKEN, SEG_TOKEN
+
 
 @dataclass(frozen=True)
 class Phrase:
@@ -15,7 +17,10 @@ class Phrase:
         text: The phrase between ``<p>`` and ``</p>``, stripped.
         start: Character offset of the phrase in ``GeoPixelResult.text``.
         end: Character offset one past the phrase's end in ``GeoPixelResult.text``.
-        mask_index: Index into ``GeoPixelResult.masks`` of the ``[SEG]`` that grounds it, or -1.
+        mask_index: Index into ``GeoPixelResult.masks`` of the ``[SEG]`` that grounds it, or -1
+            when that ``[SEG]`` has no mask (e.g. it was the last token, cut off by
+            ``max_new_tokens``). Check ``mask_index >= 0`` before indexing: ``masks[-1]`` would
+            silently be another phrase's mask.
     """
 
     text: str
@@ -50,11 +55,26 @@ class GeoPixelResult:
 
     @property
     def caption(self) -> str:
-        """The text with ``<p>``, ``</p>``, ``[SEG]`` removed and whitespace collapsed."""
-        out = self.text
-        for marker in ("<p>", "</p>", "[SEG]"):
-            out = out.replace(marker, " ")
-        out = " ".join(out.split())
-        for punct in (" ,", " .", " ;", " :", " !", " ?"):
-            out = out.replace(punct, punct[1:])
-        return out
+        """The text without ``<p>``, ``</p>``, ``[SEG]``, whitespace collapsed (:func:`strip_markers`)."""
+        return strip_markers(self.text)
+
+
+def strip_markers(text: str) -> str:
+    """Caption of a decoded answer: ``<p>``, ``</p>``, ``[SEG]`` removed, whitespace collapsed.
+
+    The one implementation (``GeoPixelResult.caption`` and ``geopixel.tokenizer.strip_markers``
+    are this function; it lives here because the tokenizer imports this module).
+
+    Args:
+        text: Decoded answer.
+
+    Returns:
+        Markers replaced by spaces, whitespace collapsed, no space before ``, . ; : ! ?``.
+    """
+    out = text
+    for marker in _MARKERS:
+        out = out.replace(marker, " ")
+    out = " ".join(out.split())
+    for punct in (" ,", " .", " ;", " :", " !", " ?"):
+        out = out.replace(punct, punct[1:])
+    return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from geopixel.result import Phrase
+from geopixel.result import strip_markers as strip_markers  # re-exported: the one implementation
 
 IM_START = "[UNUSED_TOKEN_146]"  # plays <|im_start|>; SentencePiece piece 92543
 IM_END = "[UNUSED_TOKEN_145]"  # plays <|im_end|>; SentencePiece piece 92542
@@ -175,24 +176,6 @@ def parse_phrases(text: str, *, n_masks: int | None = None) -> list[Phrase]:
             mask_index = -1
         phrases.append(Phrase(text=stripped, start=start, end=start + len(stripped), mask_index=mask_index))
     return phrases
-
-
-def strip_markers(text: str) -> str:
-    """Caption without ``<p>``, ``</p>``, ``[SEG]`` (same rule as ``GeoPixelResult.caption``).
-
-    Args:
-        text: Decoded answer.
-
-    Returns:
-        Markers replaced by spaces, whitespace collapsed, no space before ``, . ; : ! ?``.
-    """
-    out = text
-    for marker in (BOP_TOKEN, EOP_TOKEN, SEG_TOKEN):
-        out = out.replace(marker, " ")
-    out = " ".join(out.split())
-    for punct in (" ,", " .", " ;", " :", " !", " ?"):
-        out = out.replace(punct, punct[1:])
-    return out
 
 
 def _read_json(path: Path) -> dict | None:

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from geopixel import result as result_module
 from geopixel.result import GeoPixelResult
 from geopixel.tokenizer import (
+    BOP_TOKEN,
+    EOP_TOKEN,
     GCG_QUERY,
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
     RES_ANSWER,
     RRSIS_TEMPLATE,
+    SEG_TOKEN,
     GeoPixelTokenizer,
     chat_prompt,
     clean_response,
@@ -221,3 +225,6 @@ def test_parse_phrases_and_captions() -> None:
     result = GeoPixelResult(text=text, phrases=phrases, masks=empty, scores=scores, token_ids=[])
     assert result.caption == caption
     assert strip_markers(clean_response("Sure, it is [SEG] .[UNUSED_TOKEN_145]\n")) == "Sure, it is."
+    # One implementation, with the tokenizer's markers.
+    assert strip_markers is result_module.strip_markers
+    assert result_module._MARKERS == (BOP_TOKEN, EOP_TOKEN, SEG_TOKEN)
