@@ -223,3 +223,52 @@ def test_prepare_then_run_prepared_is_the_one_code_path(
         PreparedBatch.join([parts[0], model.prepare(images[:1], queries[0], hd_num=1, max_new_tokens=3)])
     with pytest.raises(ValueError, match="queries"):
         model.prepare(images, queries[:1], hd_num=1, max_new_tokens=3)
+
+
+def _greedy_margins(model: GeoPixel, image: np.ndarray, query: str, tokens: list[int]) -> list[float]:
+    """fp32 top-1 minus top-2 logit at each step of a greedy answer (full recomputation, no cache)."""
+    with torch.inference_mode():
+        prompt = model.build_prompts([image], [query], hd_num=1, max_new_tokens=len(tokens))[0]
+        answer = model.llm.tok_embeddings(torch.tensor(tokens[:-1], dtype=torch.long))
+        x = torch.cat([prompt.embeds, answer])[None]
+        im = torch.cat([prompt.im_mask, torch.zeros(len(tokens) - 1, dtype=torch.bool)])[None]
+        hidden = model.llm(x, im_mask=im)[0, prompt.embeds.shape[0] - 1 :]  # (n, C)
+        top2 = model.llm.logits(hidden).topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_precision_padded_batch_is_well_formed_and_follows_fp32(
+    model: GeoPixel, golden_dir: Path, name: str
+) -> None:
+    half = GeoPixel.from_pretrained(golden_dir, device="cpu", dtype=name)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    assert half.dtype == dtype
+    images = [load_image(golden_dir / "images" / n) for n in ("img_800x800.png", "img_1000x600.png")]
+    queries = [half.segment_query(e) for e in ("red car", "the white building on the left of the road")]
+    forced = _forced_answer(half, 2)
+    prepared = half.prepare(images, queries, hd_num=1, max_new_tokens=forced.shape[1])
+    assert prepared.sam_pixels is not None
+    assert {t.dtype for t in prepared.crops + prepared.sam_pixels} == {dtype}
+    assert len({len(ids) for ids in prepared.text_ids}) == 2  # different lengths: a left-padded batch
+    ours = half.run_prepared(prepared, forced_token_ids=forced, keep_mask_logits=True)
+    ref = model._run(images, queries, hd_num=1, max_new_tokens=forced.shape[1], forced_token_ids=forced)
+    for result, full, image in zip(ours, ref, images, strict=True):
+        assert result.token_ids == full.token_ids and result.masks.shape == (1, *image.shape[:2])
+        assert np.isfinite(result.seg_hidden).all() and result.mask_logits is not None
+        assert np.isfinite(result.mask_logits.astype(np.float32)).all()
+        assert ((result.scores > 0) & (result.scores <= 1)).all()
+        cos = (result.seg_hidden * full.seg_hidden).sum() / (
+            np.linalg.norm(result.seg_hidden) * np.linalg.norm(full.seg_hidden)
+        )
+        assert cos > 0.99, cos
+        np.testing.assert_allclose(result.scores, full.scores, atol=2e-2)
+        assert (result.masks == full.masks).mean() > 0.95
+    # Greedy tokens equal fp32's up to the first step where fp32's own top-2 margin is a near-tie.
+    greedy = half.segment_batch(images, ["red car", "trees"], hd_num=1, max_new_tokens=6)
+    greedy32 = model.segment_batch(images, ["red car", "trees"], hd_num=1, max_new_tokens=6)
+    for image, expr, ours16, ref32 in zip(images, ["red car", "trees"], greedy, greedy32, strict=True):
+        margins = _greedy_margins(model, image, model.segment_query(expr), ref32.token_ids)
+        safe = next((k for k, m in enumerate(margins) if m < 0.1), len(margins))
+        print(f"{name} {expr!r}: fp32 margins {[round(m, 3) for m in margins]}, compared {safe} tokens")
+        assert safe >= 1 and ours16.token_ids[:safe] == ref32.token_ids[:safe]
