@@ -29,7 +29,15 @@ import numpy as np
 
 from geopixel_cli.errors import UserError
 from geopixel_cli.journal import Journal, journal_path, piece_from_json, piece_to_json
-from geopixel_cli.layers import Georef, objects_frame, runs_frame, select_objects, tiles_frame, write_layers
+from geopixel_cli.layers import (
+    Georef,
+    Staging,
+    objects_frame,
+    runs_frame,
+    select_objects,
+    tiles_frame,
+    write_layers,
+)
 from geopixel_cli.loader import SceneModel, load_model
 from geopixel_cli.merge import merge_pieces
 from geopixel_cli.raster import SceneInfo, SceneReader, TileData, open_scene
@@ -345,7 +353,11 @@ def _finish(
     config: RunConfig,
     run: dict[str, Any],
 ) -> tuple[list[Path], int]:
-    """Merge, filter and write every output; returns the files and the object count."""
+    """Merge, filter and write every output; returns the files and the object count.
+
+    Every output (layers, mask raster, preview) is staged first and renamed into place only when
+    all are complete, the main output last: a failure leaves none of them.
+    """
     from geopixel_cli.products import write_mask_raster, write_preview
 
     georef = Georef(info.crs_wkt, info.transform)
@@ -382,13 +394,13 @@ def _finish(
         "tiles": tiles_frame(tile_rows, georef),
         "runs": runs_frame(run),
     }
-    files = write_layers(config.output, frames)
-    if config.mask_raster is not None:
-        write_mask_raster(config.mask_raster, info, kept)
-        files.append(config.mask_raster)
-    if config.preview is not None:
-        write_preview(config.preview, info, kept)
-        files.append(config.preview)
+    with Staging(config.output) as staging:  # all outputs appear together, the main output last
+        write_layers(config.output, frames, staging=staging)
+        if config.mask_raster is not None:
+            write_mask_raster(config.mask_raster, info, kept, staging=staging)
+        if config.preview is not None:
+            write_preview(config.preview, info, kept, staging=staging)
+        files = staging.commit()
     return files, len(kept)
 
 

@@ -247,7 +247,7 @@ def test_mask_raster_and_preview(tmp_path):
     scene = make_scene(tmp_path / "s.tif", rects=RECTS)
     out, ids, png = tmp_path / "o.gpkg", tmp_path / "ids.tif", tmp_path / "quick.png"
     summary = run(_config(scene, out, mask_raster=ids, preview=png), model=ScriptedModel())
-    assert summary.files[-2:] == [ids, png]
+    assert summary.files[-1] == out and {ids, png} <= set(summary.files)  # the main output last
     objects = pyogrio.read_dataframe(out, layer="objects")
     with rasterio.open(ids) as ds, rasterio.open(scene) as src:
         assert ds.dtypes[0] == "uint32" and ds.transform == src.transform and ds.crs == src.crs
@@ -412,3 +412,23 @@ def test_tiles_are_prepared_on_reader_threads_when_the_model_can(tmp_path):
     seg = _PreparingModel()
     run(_config(scene, tmp_path / "seg.gpkg", command="segment", expression=" red roofs "), model=seg)
     assert len(seg.prepared_on) == 9
+
+
+def test_failed_side_product_leaves_no_output(tmp_path, monkeypatch):
+    from geopixel_cli import products
+
+    scene = make_scene(tmp_path / "s.tif", rects=RECTS)
+    out, ids, png = tmp_path / "o.gpkg", tmp_path / "ids.tif", tmp_path / "quick.png"
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(products, "write_preview", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(_config(scene, out, mask_raster=ids, preview=png), model=ScriptedModel())
+    assert not out.exists() and not ids.exists() and not png.exists()  # the layers were only staged
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.gpkg.geopixel-journal", "s.tif"]
+    monkeypatch.undo()
+    model = ScriptedModel()
+    summary = run(_config(scene, out, mask_raster=ids, preview=png, resume=True), model=model)
+    assert model.calls == [] and summary.files[-1] == out and ids.exists() and png.exists()
