@@ -40,7 +40,9 @@ def prefill_bytes_per_row(llm: LLMConfig, *, tokens: int, new_tokens: int, dtype
 
     Per token: the MLP intermediate ×4 (``silu(w1 x)`` and ``w3 x`` held for their product, plus
     the Partial-LoRA temporaries ``W x + B A x`` and its ``torch.where`` on image rows), the fused
-    ``qkv``, queries after RoPE and the attention output (2 × heads × head_dim), and 4 × hidden
+    ``qkv``, queries after RoPE and the attention output (2 × heads × head_dim), the keys and
+    values expanded to every query head for the masked (left-padded) prefill (2 × heads ×
+    head_dim, see :func:`geopixel.llm.gqa_attention`), and 4 × hidden
     (residual stream, normed input, block output, the prompt's padded copy); per row also the
     (T, T) left-padding mask in bool and as SDPA's additive bias, the final-normed prompt hidden
     states and the prompt embeddings (2 × T × hidden), the [SEG] workspace of ``new_tokens`` rows and
@@ -54,7 +56,7 @@ def prefill_bytes_per_row(llm: LLMConfig, *, tokens: int, new_tokens: int, dtype
     """
     size = element_size(dtype)
     width = llm.num_heads * llm.head_dim
-    per_token = 4 * llm.intermediate_size + llm.qkv_size + 2 * width + 4 * llm.hidden_size
+    per_token = 4 * llm.intermediate_size + llm.qkv_size + 4 * width + 4 * llm.hidden_size
     prompt = 2 * tokens * llm.hidden_size + new_tokens * llm.hidden_size
     mask = tokens * tokens * (1 + size)
     return (tokens * per_token + prompt) * size + mask + 2 * 4 * llm.vocab_size
@@ -64,15 +66,16 @@ def clip_bytes_per_image(vision: VisionConfig, llm: LLMConfig, *, crops: int, dt
     """CLIP bytes of one image of ``crops`` 560 px crops (global view included).
 
     Per crop and layer: 6 × width (residual, LayerNorm output, q, k, v, attention output) plus
-    2 × MLP width (fc1 output and its activation) per token, the crop's fp32 pixels and its
-    kept patch features; per image the merged tokens, the projector's hidden layer and the
-    projected image tokens (one LLM-width row per image token).
+    2 × MLP width (fc1 output and its activation) per token, the crop's pixels (in the model
+    dtype: they are cast on the host) and its kept patch features; per image the merged tokens,
+    the projector's hidden layer and the projected image tokens (one LLM-width row per image
+    token).
     """
     size = element_size(dtype)
     side = vision.image_size // vision.patch_size
     tokens = side * side + 1
     layer = tokens * (6 * vision.hidden_size + 2 * vision.intermediate_size) * size
-    pixels = 3 * vision.image_size**2 * 4
+    pixels = 3 * vision.image_size**2 * size
     features = tokens * vision.hidden_size * size
     image_tokens = crops * vision.merged_grid**2 + 1 + (crops + 1) * vision.merged_grid  # upper bound
     merged = image_tokens * (vision.merged_size + vision.proj_hidden_size + llm.hidden_size) * size
@@ -86,7 +89,8 @@ def sam_bytes_per_image(grounding: GroundingConfig, *, dtype: torch.dtype) -> in
     stage the largest block holds 11 × width per token (residual, norm, q, k, v, attention
     output, 4 × MLP width, the block output); a stage with global attention also holds the
     attention matrix (heads × tokens² in case SDPA falls back to the math kernel). Added: the
-    stage outputs and the 256-channel FPN levels kept for the decoder, and the fp32 input.
+    stage outputs and the 256-channel FPN levels kept for the decoder, and the input (in the
+    model dtype: it is prepared on the host).
     """
     size = element_size(dtype)
     base = (grounding.image_size // 4) ** 2
@@ -100,7 +104,7 @@ def sam_bytes_per_image(grounding: GroundingConfig, *, dtype: torch.dtype) -> in
             block += heads * tokens * tokens * size
         largest = max(largest, block)
         kept += tokens * (width + grounding.d_model) * size
-    return largest + kept + 3 * grounding.image_size**2 * 4
+    return largest + kept + 3 * grounding.image_size**2 * size
 
 
 def bytes_per_row(
@@ -145,14 +149,14 @@ def auto_batch_size(
     (``free_bytes`` = 62e9):
 
     * KV cache: 4,145 + 1,024 = 5,169 → 5,376 slots × 128 KiB = 0.705 GB
-    * prefill: 4,145 × (4 × 14,336 + 6,144 + 2 × 4,096 + 4 × 4,096) × 2 B = 0.730 GB, + prompt
+    * prefill: 4,145 × (4 × 14,336 + 6,144 + 4 × 4,096 + 4 × 4,096) × 2 B = 0.798 GB, + prompt
       embeddings/hidden (2 × 4,145 + 1,024) × 4,096 × 2 B = 0.076 GB, + mask 4,145² × 3 B
-      = 0.052 GB → 0.859 GB
-    * CLIP: 10 crops × (1,601 × (6 × 1,024 + 2 × 4,096) × 2 B + 3.8 MB pixels + 3.3 MB features)
-      = 0.529 GB, + 4,221 tokens × 3 × 4,096 × 2 B = 0.104 GB → 0.633 GB
+      = 0.052 GB → 0.926 GB
+    * CLIP: 10 crops × (1,601 × (6 × 1,024 + 2 × 4,096) × 2 B + 1.9 MB pixels + 3.3 MB features)
+      = 0.510 GB, + 4,221 tokens × 3 × 4,096 × 2 B = 0.104 GB → 0.614 GB
     * SAM-2 Hiera-L: stage 3 with global attention 4,096 × 576 × 11 × 2 B + 8 heads × 4,096² × 2 B
-      = 0.320 GB, + kept stage/FPN outputs 0.080 GB + fp32 input 0.013 GB → 0.413 GB
-    * per row 2.61 GB; usable 62e9 × 0.9 − 2 GiB = 53.65 GB → 20 rows (about 70 GB in use at
+      = 0.320 GB, + kept stage/FPN outputs 0.080 GB + bf16 input 0.006 GB → 0.406 GB
+    * per row 2.65 GB; usable 62e9 × 0.9 − 2 GiB = 53.65 GB → 20 rows (about 70 GB in use at
       most, weights included).
 
     Args:
