@@ -59,13 +59,14 @@ def _box(w: PixelWindow) -> Any:
 
 def _polygonal(geom: Any) -> Any:
     """Keep only the polygonal part of a geometry (intersections may add lines or points)."""
-    from shapely import get_parts
-    from shapely.geometry import MultiPolygon, Polygon
+    from shapely import get_parts, union_all
+    from shapely.geometry import Polygon
 
     parts = [p for p in get_parts(geom) if isinstance(p, Polygon) and not p.is_empty]
     if not parts:
         return Polygon()
-    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+    # union, not MultiPolygon(parts): parts that share an edge would make an invalid MultiPolygon
+    return parts[0] if len(parts) == 1 else union_all(parts)
 
 
 def _is_match(a: Piece, b: Piece, tiles: dict[int, TileSpec]) -> bool:
@@ -74,7 +75,8 @@ def _is_match(a: Piece, b: Piece, tiles: dict[int, TileSpec]) -> bool:
     shared = ta.window.intersection(tb.window)
     if shared is not None:
         region = _box(shared)
-        pa, pb = a.geometry.intersection(region), b.geometry.intersection(region)
+        # polygonal parts only: GEOS cannot overlay a mixed GeometryCollection (polygon + line/point)
+        pa, pb = _polygonal(a.geometry.intersection(region)), _polygonal(b.geometry.intersection(region))
         inter = pa.intersection(pb).area
         smaller = min(pa.area, pb.area)
         if same and smaller > 0 and inter >= MATCH_OVERLAP * smaller:
@@ -84,8 +86,8 @@ def _is_match(a: Piece, b: Piece, tiles: dict[int, TileSpec]) -> bool:
             return True  # the same outline seen by both tiles under two names
     if not same:
         return False
-    qa = a.geometry.intersection(_box(ta.core))
-    qb = b.geometry.intersection(_box(tb.core))
+    qa = _polygonal(a.geometry.intersection(_box(ta.core)))
+    qb = _polygonal(b.geometry.intersection(_box(tb.core)))
     return bool(qa.intersection(qb).length > 0)
 
 

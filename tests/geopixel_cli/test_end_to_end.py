@@ -54,19 +54,12 @@ def forced_answers(monkeypatch):
     return install
 
 
-SEAM_BUG = (
-    "geopixel_cli/merge.py _is_match: a piece clipped to its tile core can be a GeometryCollection of "
-    "polygons and lines, and GEOS refuses its intersection with the neighbour's ('Unable to determine "
-    "overlay result geometry dimension'); wrapping both core clips in _polygonal() fixes it"
-)
-
-
 @pytest.mark.parametrize(
     "command,width",
     [
         ("segment", 300),  # one 300 px tile
         ("describe", 300),
-        pytest.param("segment", 480, marks=pytest.mark.xfail(strict=True, reason=SEAM_BUG)),  # two tiles
+        ("segment", 480),  # two tiles: the object crosses the seam
     ],
 )
 def test_tiny_network_writes_real_objects(tmp_path, monkeypatch, forced_answers, command, width):
