@@ -133,7 +133,7 @@ def _snapshot(repo_id: str) -> Path:
         why = "offline and not in the local cache" if offline else f"download failed ({type(exc).__name__})"
         raise FileNotFoundError(
             f"GeoPixel checkpoint {repo_id!r} is not available ({why}): run "
-            f"`huggingface-cli download {repo_id} --local-dir DIR` and pass `--model DIR`"
+            f"`hf download {repo_id} --local-dir DIR` and pass `--model DIR`"
         ) from exc
     return Path(folder)
 

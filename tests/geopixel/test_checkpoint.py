@@ -259,7 +259,7 @@ def test_offline_hub_id_gives_one_line_download_hint(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, out.stdout + out.stderr
-    assert "huggingface-cli download geopixel-tests/no-such-model --local-dir DIR" in lines[0]
+    assert "hf download geopixel-tests/no-such-model --local-dir DIR" in lines[0]
     assert "--model DIR" in lines[0]
 
 
