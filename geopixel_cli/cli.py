@@ -22,6 +22,7 @@ import typer
 
 from geopixel_cli import options as opt
 from geopixel_cli.errors import UserError
+from geopixel_cli.train.data_command import data_app
 
 app = typer.Typer(
     name="geopixel",
@@ -315,6 +316,7 @@ def _unavailable(name: str, exc: BaseException) -> Callable[[], None]:
 
 
 _register_extra_commands(app)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -298,3 +298,12 @@ def test_batch_size_left_to_the_pipeline_unless_given_or_not_cuda(tmp_path, monk
         result = _invoke(["describe", scene, "-o", tmp_path / "o.gpkg", "--model", "/m", *extra])
     assert result.exit_code == 0, result.output
     assert fake.call_args.args[0].batch_size == expected  # None: chosen from free GPU memory after loading
+
+
+def test_data_subcommands_are_registered(tmp_path):
+    runner = CliRunner()
+    made = runner.invoke(app, ["data", "synth", str(tmp_path / "synth"), "--n", "2", "--seed", "3"])
+    assert made.exit_code == 0, made.output
+    checked = runner.invoke(app, ["data", "check", str(tmp_path / "synth" / "data.txt")])
+    assert checked.exit_code == 0, checked.output
+    assert "pool: 4 samples" in checked.output
