@@ -59,6 +59,9 @@ def train_command(
     no_export: Annotated[
         bool, typer.Option("--no-export", help="Skip writing the merged final/ model.")
     ] = False,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to -o/tensorboard.")
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint in -o.")
     ] = False,
@@ -122,10 +125,11 @@ def train_command(
             workers=workers,
             export=not no_export,
             progress=verbosity >= 0,
+            tensorboard=tensorboard,
         )
         try:
             summary = train(cfg)
-        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        except (FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
             raise UserError(str(exc)) from exc
         last = summary.history[-1] if summary.history else {}
         typer.echo(

@@ -24,6 +24,7 @@ from torch import nn
 
 from geopixel_cli.train.hd import DEFAULT_HD_NUM
 from geopixel_cli.train.lora import LoraSpec, add_lora, merge_lora, set_frozen_eval, set_trainable
+from geopixel_cli.train.metrics import MetricsLog, require_tensorboard
 from geopixel_cli.train.mixture import batches_per_epoch, build_pool, entries_for
 from geopixel_cli.train.state import (
     check_settings,
@@ -71,6 +72,7 @@ class TrainConfig:
         export: Write the merged released-layout directory ``output/final`` at the end.
         stop_after: Stop (as if killed) after this many steps; the schedule still uses max_steps.
         progress: Show a rich progress bar.
+        tensorboard: Also write TensorBoard event files to ``output/tensorboard``.
     """
 
     data: Path
@@ -101,6 +103,7 @@ class TrainConfig:
     export: bool = True
     stop_after: int | None = None
     progress: bool = True
+    tensorboard: bool = False
 
 
 @dataclass
@@ -229,6 +232,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise FileExistsError(f"{cfg.output} already has checkpoints: pass --resume or --overwrite")
     if found is not None:  # fail before loading the model when the settings changed
         check_settings(json.loads((found / "state.json").read_text())["settings"], settings, found)
+    if cfg.tensorboard and rank == 0:
+        require_tensorboard()  # fail before loading the model
     model = load_model(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.lr)
@@ -343,8 +348,8 @@ def _run_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     history = []
-    metrics_path = cfg.output / "metrics.jsonl"
-    with TrainProgress(total=total, start=start, enabled=cfg.progress and rank == 0) as bar:
+    log = MetricsLog(cfg.output, tensorboard=cfg.tensorboard, enabled=rank == 0, start=start)
+    with log, TrainProgress(total=total, start=start, enabled=cfg.progress and rank == 0) as bar:
         for step in range(start, end):
             t0 = time.perf_counter()
             stats = torch.zeros(4, device=device)
@@ -379,9 +384,7 @@ def _run_steps(
                 "samples": (step + 1) * cfg.grad_accum * cfg.batch_size * world,
             }
             history.append(row)
-            if rank == 0:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            log.write(row)
             bar.update(row)
             done = step + 1
             if done % cfg.save_every == 0 or done == end:

@@ -119,6 +119,34 @@ def test_export_is_a_loadable_released_checkpoint(synth, tiny_model, tmp_path):
     torch.testing.assert_close(model.llm.layers[0].attention.wqkv.weight, written[key])
 
 
+def test_tensorboard_events_match_metrics_jsonl(synth, tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = train(_cfg(synth["rrsis"], tiny_model, tmp_path / "run", max_steps=2, tensorboard=True))
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows == summary.history
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/ce", "train/bce", "train/dice", "train/lr", "train/grad_norm"} <= set(
+        events.Tags()["scalars"]
+    )
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 2]
+    assert [e.value for e in logged] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_tensorboard_missing_is_one_clear_error(synth, tiny_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        train(_cfg(synth["rrsis"], tiny_model, tmp_path / "run", max_steps=1, tensorboard=True))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
