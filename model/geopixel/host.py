@@ -110,8 +110,8 @@ def fit_grid(image: np.ndarray, hd_num: int, *, reserved: int, config: GeoPixelC
     """
     height, width = image.shape[:2]
     limit = config.llm.max_length
-    g = config.vision.merged_grid
-    grid = plan_grid(width, height, hd_num, rule="inference")
+    g, tile = config.vision.merged_grid, config.vision.image_size
+    grid = plan_grid(width, height, hd_num, rule="inference", tile=tile)
     cap = grid.num_tiles
     while image_token_count(grid.rows, grid.cols, merged_grid=g) + reserved > limit:
         cap -= 1
@@ -120,7 +120,7 @@ def fit_grid(image: np.ndarray, hd_num: int, *, reserved: int, config: GeoPixelC
                 f"the prompt cannot fit the model's {limit}-token context with {reserved} tokens of text "
                 f"and answer, even on one tile: lower max_new_tokens"
             )
-        grid = plan_grid(width, height, hd_num, rule="inference", max_tiles=cap)
+        grid = plan_grid(width, height, hd_num, rule="inference", max_tiles=cap, tile=tile)
     if grid.downscaled:
         logger.warning(
             "%dx%d image divided on %dx%d tiles instead of the reference's grid so that prompt + "

@@ -192,7 +192,7 @@ def tile_prompt_tokens(config: GeoPixelConfig, *, width: int, height: int, hd_nu
     """
     from geopixel.hd_divider import image_token_count, plan_grid
 
-    grid = plan_grid(width, height, hd_num, rule="inference")
+    grid = plan_grid(width, height, hd_num, rule="inference", tile=config.vision.image_size)
     image = image_token_count(grid.rows, grid.cols, merged_grid=config.vision.merged_grid)
     return image + TEXT_TOKENS, grid.num_tiles + 1
 
