@@ -155,7 +155,8 @@ class VisionTower(nn.Module):
         crops, grids = [], []
         for image in images:
             tile = self.config.image_size
-            grid = plan_grid(image.shape[1], image.shape[0], hd_num, rule=rule, max_tiles=max_tiles, tile=tile)
+            height, width = image.shape[:2]
+            grid = plan_grid(width, height, hd_num, rule=rule, max_tiles=max_tiles, tile=tile)
             crops.append(crops_for_clip(normalize_clip(apply_grid(image, grid)), grid, tile=tile))
             grids.append((grid.rows, grid.cols))
         return self(torch.cat(crops, dim=0), grids, batch_size=batch_size)
