@@ -44,6 +44,9 @@ def train_command(
     hd_num: Annotated[int | None, typer.Option(help="Crops per image [default: 9 gcg, 1 rrsis].")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps [default: min(150, 10%)].")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 50,
+    ce_weight: Annotated[float, typer.Option(help="Weight of the text cross-entropy.")] = 1.0,
+    bce_weight: Annotated[float, typer.Option(help="Weight of the mask BCE.")] = 2.0,
+    dice_weight: Annotated[float, typer.Option(help="Weight of the mask Dice loss.")] = 0.5,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Recompute LLM blocks in backward (less memory).")
     ] = False,
@@ -91,6 +94,8 @@ def train_command(
     def body() -> None:
         import shutil
 
+        from geopixel.training import LossWeights
+
         from geopixel_cli.errors import UserError
         from geopixel_cli.train.loop import TrainConfig, train
 
@@ -98,6 +103,8 @@ def train_command(
             raise UserError(f"--task must be gcg or rrsis, got {task!r}")
         if min(batch_size, grad_accum) < 1 or (max_steps is not None and max_steps < 1) or epochs <= 0:
             raise UserError("--batch-size, --grad-accum, --max-steps and --epochs must be positive")
+        if min(ce_weight, bce_weight, dice_weight) < 0:
+            raise UserError("--ce-weight, --bce-weight and --dice-weight must not be negative")
         if overwrite and resume:
             raise UserError("--overwrite and --resume exclude each other")
         if overwrite and output.exists():
@@ -120,6 +127,7 @@ def train_command(
             gradient_checkpointing=gradient_checkpointing,
             train_projector=not freeze_projector,
             save_every=save_every,
+            weights=LossWeights(ce=ce_weight, bce=bce_weight, dice=dice_weight),
             resume=resume,
             cache_sam_features=cache_sam_features,
             workers=workers,

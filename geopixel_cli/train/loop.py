@@ -199,6 +199,7 @@ def settings_of(cfg: TrainConfig, *, total_steps: int, warmup: int, world_size: 
         world_size=world_size,
         lora_r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
+        loss_weights=[cfg.weights.ce, cfg.weights.bce, cfg.weights.dice],
         hd_num=cfg.hd_num or DEFAULT_HD_NUM[cfg.task],
     )
     return raw

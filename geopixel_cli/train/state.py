@@ -40,6 +40,7 @@ RESUME_KEYS = (
     "lora_r",
     "lora_alpha",
     "train_projector",
+    "loss_weights",
 )
 
 

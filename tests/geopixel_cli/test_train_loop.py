@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from geopixel.training import LossWeights
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -66,6 +67,8 @@ def test_resume_gives_the_same_loss_curve(synth, tiny_model, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     with pytest.raises(ValueError, match="settings differ.*lr"):
         train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True, lr=5e-4, max_steps=4))
+    with pytest.raises(ValueError, match="settings differ.*loss_weights"):
+        train(_cfg(synth["rrsis"], tiny_model, tmp_path / "cut", resume=True, weights=LossWeights(ce=0.5)))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(synth, tiny_model, tmp_path):
@@ -156,6 +159,8 @@ def _free_port() -> int:
 DDP_SCRIPT = """
 import sys, json, torch
 from pathlib import Path
+from geopixel.training import LossWeights
+
 from geopixel_cli.train.loop import TrainConfig, train
 torch.set_num_threads(1)
 data, model, out = sys.argv[1:4]
@@ -230,6 +235,21 @@ def test_cli_reports_bad_data_and_bad_model(synth, tiny_model, tmp_path):
         app, ["train", "--data", str(synth["rrsis"]), "--model", str(wrong), "-o", str(tmp_path / "o3")]
     )
     assert res.exit_code == 1 and "wrong_model" in res.output and "does not match" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth["rrsis"]),
+            "--model",
+            tiny_model,
+            "-o",
+            str(tmp_path / "o4"),
+            "--ce-weight",
+            "-1",
+        ],
+    )
+    assert res.exit_code == 1 and "must not be negative" in res.output
 
 
 def test_loss_falls_and_mask_iou_rises(tiny_model, tmp_path):
