@@ -126,7 +126,8 @@ class _StepModule(nn.Module):
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         out = training_forward(self.model, batch, weights=self.weights)
-        stats = torch.stack([out.loss, out.ce, out.bce, out.dice]).detach().float()
+        ce = self.weights.ce * out.ce  # weighted, like bce and dice (as the reference logs them)
+        stats = torch.stack([out.loss, ce, out.bce, out.dice]).detach().float()
         return out.loss, stats
 
 
