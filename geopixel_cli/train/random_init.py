@@ -50,12 +50,6 @@ SMALL_DIMS: dict[str, Any] = {
     "sam2": {"d_model": 64, "sam_mlp_dim": 128, "sam_iou_head_hidden_dim": 64},
 }
 SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {"small": (SMALL_CONFIG, SMALL_DIMS)}
-_TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +132,7 @@ def write_random_checkpoint(
     from geopixel.modeling import GeoPixel
     from geopixel.tokenizer import GeoPixelTokenizer
 
-    from geopixel_cli.train.export import export_checkpoint
+    from geopixel_cli.train.export import CARRIED_FILES, export_checkpoint
 
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty")
@@ -150,8 +144,8 @@ def write_random_checkpoint(
     dims = _merge(json.loads((template / "tiny_dims.json").read_text()), dims_overrides)
     (output / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (output / "tiny_dims.json").write_text(json.dumps(dims, indent=2) + "\n")
-    for name in _TOKENIZER_FILES:
-        if (template / name).is_file():
+    for name in CARRIED_FILES:  # the tokenizer files (config and sizes were written above)
+        if name not in ("config.json", "tiny_dims.json") and (template / name).is_file():
             shutil.copyfile(template / name, output / name)
     config = GeoPixelConfig.from_dir(output)
     torch.manual_seed(seed)
